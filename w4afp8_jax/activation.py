@@ -1,0 +1,59 @@
+"""Step 4: SiLU(gate) * up on GEMM1's output, requantized to fp8 for GEMM2."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import _backend
+from ._validate import FP8_DTYPE, check_static_scale, require_dtype, require_integer, require_rank
+from .fp8 import dynamic_scale, saturate_to_fp8
+
+
+def silu_mul(c1: jax.Array) -> jax.Array:
+    """f32 h = silu(c1[:, :I]) * c1[:, I:], silu(g) = g / (1 + exp(-g))."""
+    inter = c1.shape[1] // 2
+    gate = c1[:, :inter].astype(jnp.float32)
+    up = c1[:, inter:].astype(jnp.float32)
+    return gate / (1.0 + jnp.exp(-gate)) * up
+
+
+def kept_rows_mask(group_offsets: jax.Array, num_rows: int) -> jax.Array:
+    return jnp.arange(num_rows) < group_offsets[-1]
+
+
+def silu_mul_quantize_reference(c1: jax.Array, group_offsets: jax.Array, scale: jax.Array) -> jax.Array:
+    kept = kept_rows_mask(group_offsets, c1.shape[0])
+    q = saturate_to_fp8(silu_mul(c1), scale)
+    return jnp.where(kept[:, None], q, jnp.zeros((), FP8_DTYPE))
+
+
+def _silu_mul_quantize_cuda(c1, group_offsets, scale) -> jax.Array:
+    out_type = jax.ShapeDtypeStruct((c1.shape[0], c1.shape[1] // 2), FP8_DTYPE)
+    return jax.ffi.ffi_call("w4afp8_silu_mul_quantize", out_type, vmap_method="sequential")(
+        c1, group_offsets, jnp.reshape(scale, (1,)))
+
+
+def silu_mul_quantize(c1, group_offsets, scale=None, *, implementation: str = "auto") -> tuple[jax.Array, jax.Array]:
+    """fp8 [R, I] = saturate(silu(c1[:, :I]) * c1[:, I:] / scale), f32 math, for the kept rows
+    (r < group_offsets[E]); returns (q, scale). Other rows are unspecified on the CUDA path and
+    zero on the reference path.
+
+    c1: bf16 [R, 2I] (GEMM1's output: gate columns, then up columns). scale=None computes
+    amax(|h|) / 448 over the kept rows on the device.
+    """
+    require_rank("c1", c1, 2)
+    require_dtype("c1", c1, jnp.bfloat16)
+    if np.shape(c1)[1] % 2:
+        raise ValueError(f"c1 must have an even number of columns (gate, then up), got {np.shape(c1)[1]}")
+    require_rank("group_offsets", group_offsets, 1)
+    require_integer("group_offsets", group_offsets)
+    c1, group_offsets = jnp.asarray(c1), jnp.asarray(group_offsets).astype(jnp.int32)
+    scale = check_static_scale("scale", scale)
+    if scale is None:
+        kept = kept_rows_mask(group_offsets, c1.shape[0])
+        scale = dynamic_scale(jnp.where(kept[:, None], silu_mul(c1), 0.0))
+    if _backend.resolve(implementation) == "cuda":
+        return _silu_mul_quantize_cuda(c1, group_offsets, scale), scale
+    return silu_mul_quantize_reference(c1, group_offsets, scale), scale

@@ -1,0 +1,117 @@
+"""Steps 3 and 5: grouped GEMM of fp8 rows (expert order) by int4 group-scaled weights."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import _backend
+from ._validate import FP8_DTYPE, check_static_scale, require_dtype, require_integer, require_rank
+from .weights import W4Weights, unpack_int4
+
+CUDA_GROUP_SIZE = 128
+CUDA_N_ALIGNMENT = 16  # output channels come in tiles of 16 weight rows
+
+
+def row_experts(group_offsets: jax.Array, num_rows: int) -> jax.Array:
+    """int32 [num_rows]: the expert of each row, E for rows at or past group_offsets[E]."""
+    rows = jnp.arange(num_rows, dtype=jnp.int32)
+    return (jnp.searchsorted(group_offsets, rows, side="right") - 1).astype(jnp.int32)
+
+
+def _tile_rows(num_rows: int, num_experts: int) -> int:
+    """Rows per reference step: each step unpacks one expert's weights (costing about one
+    row's worth of work) and multiplies up to T rows, so minimise steps * (1 + T)."""
+    def cost(t):
+        return _num_pairs(num_rows, num_experts, t) * (1 + t)
+    return min((2 ** i for i in range(10)), key=cost)
+
+
+def _num_pairs(num_rows: int, num_experts: int, tile: int) -> int:
+    # A (tile, expert) pair starts at every tile start and at every expert change inside a
+    # tile; expert changes number at most min(E, R) - 1, and pairs never outnumber rows.
+    tiles = math.ceil(num_rows / tile)
+    return min(num_rows, tiles + min(num_experts, num_rows) - 1)
+
+
+def grouped_gemm_reference(lhs: jax.Array, lhs_scale: jax.Array, rhs: W4Weights,
+                           group_offsets: jax.Array) -> jax.Array:
+    """out[r, n] = lhs_scale * sum_g scales[e, n, g] * sum_{k in g} lhs[r, k] * w[e, n, k], f32.
+
+    Rows are processed in (tile, expert) pairs so the cost stays near R * N * K however the
+    rows are spread over experts.
+    """
+    num_rows, k = lhs.shape
+    num_experts, n, _ = rhs.packed.shape
+    gs = rhs.group_size
+    groups = k // gs
+    tile = _tile_rows(num_rows, num_experts)
+    padded = math.ceil(num_rows / tile) * tile
+    num_pairs = _num_pairs(num_rows, num_experts, tile)
+
+    experts = row_experts(jnp.clip(group_offsets, 0, num_rows), padded)
+    rows = jnp.arange(padded)
+    starts_pair = (experts < num_experts) & ((rows % tile == 0) | (experts != jnp.roll(experts, 1)))
+    (pair_rows,) = jnp.nonzero(starts_pair, size=num_pairs, fill_value=padded)
+    lhs_f32 = jnp.pad(lhs.astype(jnp.float32), ((0, padded - num_rows + tile), (0, 0)))
+    experts = jnp.pad(experts, (0, tile), constant_values=num_experts)
+
+    def step(out, pair_row):
+        tile_start = (pair_row // tile) * tile
+        expert = experts[jnp.minimum(pair_row, padded)]
+        x = jax.lax.dynamic_slice_in_dim(lhs_f32, tile_start, tile).reshape(tile, groups, gs)
+        w = unpack_int4(rhs.packed[jnp.minimum(expert, num_experts - 1)]).astype(jnp.float32)
+        partial = jnp.einsum("tgk,ngk->tng", x, w.reshape(n, groups, gs),
+                             precision=jax.lax.Precision.HIGHEST)
+        y = jnp.sum(partial * rhs.scales[jnp.minimum(expert, num_experts - 1)][None], axis=-1)
+        mine = jax.lax.dynamic_slice_in_dim(experts, tile_start, tile) == expert
+        current = jax.lax.dynamic_slice_in_dim(out, tile_start, tile)
+        return jax.lax.dynamic_update_slice_in_dim(out, jnp.where(mine[:, None], y, current), tile_start, 0), None
+
+    out, _ = jax.lax.scan(step, jnp.zeros((padded + tile, n), jnp.float32), pair_rows)
+    return (out[:num_rows] * lhs_scale).astype(jnp.bfloat16)
+
+
+def _grouped_gemm_cuda(lhs, lhs_scale, rhs: W4Weights, group_offsets) -> jax.Array:
+    out_type = jax.ShapeDtypeStruct((lhs.shape[0], rhs.out_features), jnp.bfloat16)
+    return jax.ffi.ffi_call("w4afp8_grouped_gemm", out_type, vmap_method="sequential")(
+        lhs, jnp.reshape(lhs_scale, (1,)), rhs.packed, rhs.scales, group_offsets)
+
+
+def check_grouped_gemm_args(lhs, rhs, group_offsets) -> None:
+    require_rank("lhs", lhs, 2)
+    require_dtype("lhs", lhs, FP8_DTYPE)
+    if not isinstance(rhs, W4Weights):
+        raise TypeError(f"rhs must be a W4Weights, got {type(rhs).__name__}")
+    if np.shape(lhs)[1] != rhs.in_features:
+        raise ValueError(f"lhs has K = {np.shape(lhs)[1]} columns but rhs expects K = {rhs.in_features}")
+    require_rank("group_offsets", group_offsets, 1)
+    require_integer("group_offsets", group_offsets)
+    if np.shape(group_offsets)[0] != rhs.num_experts + 1:
+        raise ValueError(f"group_offsets must have E+1 = {rhs.num_experts + 1} entries, "
+                         f"got {np.shape(group_offsets)[0]}")
+
+
+def grouped_gemm(lhs, lhs_scale, rhs: W4Weights, group_offsets, *, implementation: str = "auto") -> jax.Array:
+    """bf16 [R, N]: rows group_offsets[e]..group_offsets[e+1] of fp8 lhs [R, K] times expert
+    e's int4 weights, as SPEC.md step 3. Rows at or past group_offsets[E] come out as zeros.
+
+    group_offsets must be non-decreasing with group_offsets[0] = 0 and group_offsets[E] <= R
+    (as `route` produces); the CUDA kernel clamps offsets into [0, R] so bad offsets can never
+    make it read or write out of bounds.
+    """
+    check_grouped_gemm_args(lhs, rhs, group_offsets)
+    if lhs_scale is None:
+        raise ValueError("lhs_scale is required (the f32 scale lhs was quantized with)")
+    scale = check_static_scale("lhs_scale", lhs_scale)
+    lhs, group_offsets = jnp.asarray(lhs), jnp.asarray(group_offsets).astype(jnp.int32)
+    if _backend.resolve(implementation) == "cuda":
+        if rhs.group_size != CUDA_GROUP_SIZE:
+            raise ValueError(f"rhs.group_size must be {CUDA_GROUP_SIZE} on the CUDA path, got {rhs.group_size}")
+        if rhs.out_features % CUDA_N_ALIGNMENT:
+            raise ValueError(f"rhs: N = {rhs.out_features} must be a multiple of {CUDA_N_ALIGNMENT} on the CUDA path")
+        return _grouped_gemm_cuda(lhs, scale, rhs, group_offsets)
+    return grouped_gemm_reference(lhs, scale, rhs, group_offsets)
