@@ -75,10 +75,12 @@ def grouped_gemm_reference(lhs: jax.Array, lhs_scale: jax.Array, rhs: W4Weights,
     return (out[:num_rows] * lhs_scale).astype(jnp.bfloat16)
 
 
-def _grouped_gemm_cuda(lhs, lhs_scale, rhs: W4Weights, group_offsets) -> jax.Array:
+def _grouped_gemm_cuda(lhs, lhs_scale, rhs: W4Weights, group_offsets, config: int = -1) -> jax.Array:
+    """config picks a tile shape from the kernel's table (benchmarks sweep it); -1 lets the
+    kernel choose from the static sizes."""
     out_type = jax.ShapeDtypeStruct((lhs.shape[0], rhs.out_features), jnp.bfloat16)
     return jax.ffi.ffi_call("w4afp8_grouped_gemm", out_type, vmap_method="sequential")(
-        lhs, jnp.reshape(lhs_scale, (1,)), rhs.packed, rhs.scales, group_offsets)
+        lhs, jnp.reshape(lhs_scale, (1,)), rhs.packed, rhs.scales, group_offsets, config=np.int32(config))
 
 
 def check_grouped_gemm_args(lhs, rhs, group_offsets) -> None:

@@ -1,0 +1,350 @@
+// W4A8 grouped GEMM on warp-level fp8 tensor-core MMAs (mma.sync m16n8k32 e4m3).
+//
+// Weights are the MMA's 16-row A operand, tokens the 8-column B operand, so decode (a few
+// tokens per expert) still fills whole MMAs along the weight rows. int4 -> e4m3 is exact and
+// done with byte permutes; each 128-wide K group is summed on the tensor cores in f32 and then
+// multiplied by its scale into an f32 accumulator.
+//
+// Work is split into units (expert, token tile of kBlockT rows, weight-row block of kBlockN).
+// A persistent grid walks the units; every block derives the unit table from the offsets on
+// the device, so the launch never depends on the routing (CUDA-graph safe). Warps of a block
+// split the weight rows (kWarpsN) and the K groups (kWarpsK); split-K partial sums meet in
+// shared memory, which also transposes the tile for 16-byte bf16 stores.
+#include <cub/block/block_scan.cuh>
+
+#include "grouped_gemm.h"
+
+namespace w4afp8 {
+namespace {
+
+template <int kMTiles_, int kTTiles_, int kWarpsN_, int kWarpsK_, int kStages_>
+struct TileConfig {
+  static constexpr int kMTiles = kMTiles_;  // 16-row weight tiles per warp
+  static constexpr int kTTiles = kTTiles_;  // 8-token tiles per block, shared by every warp
+  static constexpr int kWarpsN = kWarpsN_;
+  static constexpr int kWarpsK = kWarpsK_;
+  static constexpr int kStages = kStages_;  // K groups of operands held per warp
+  static constexpr int kThreads = 32 * kWarpsN * kWarpsK;
+  static constexpr int kBlockN = 16 * kMTiles * kWarpsN;
+  static constexpr int kBlockT = 8 * kTTiles;
+  // Row pitch of the shared tile: 4 extra floats keep the MMA-layout writes free of bank
+  // conflicts and rows 16-byte aligned for the vector reads.
+  static constexpr int kPitch = kBlockN + 4;
+};
+
+// 16-byte load that bypasses L1: each weight byte is used once per block.
+__device__ __forceinline__ uint4 LoadStreaming(const uint8_t* p) {
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ uint32_t Permute(uint32_t lo, uint32_t hi, uint32_t selector) {
+  uint32_t out;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(out) : "r"(lo), "r"(hi), "r"(selector));
+  return out;
+}
+
+// Eight signed int4 (nibble i = element i) -> the e4m3 bytes of elements 0..3 (lo) and 4..7
+// (hi). Byte permutes look the magnitudes up in two 8-entry tables (non-negative values and
+// negative values); a third permute in sign-replicate mode builds the 0xFF mask of negative
+// nibbles, using w << 4 to bring each even nibble's sign bit to a byte's top bit.
+__device__ __forceinline__ void Int4ToE4m3(uint32_t w, uint32_t& lo, uint32_t& hi) {
+  constexpr uint32_t kNonNegLo = 0x44403800u;  // e4m3 of 0, 1, 2, 3
+  constexpr uint32_t kNonNegHi = 0x4E4C4A48u;  // 4, 5, 6, 7
+  constexpr uint32_t kNegLo = 0xCACCCED0u;     // -8, -7, -6, -5
+  constexpr uint32_t kNegHi = 0xB8C0C4C8u;     // -4, -3, -2, -1
+  const uint32_t index_lo = w & 0x7777u;
+  const uint32_t index_hi = (w >> 16) & 0x7777u;
+  const uint32_t shifted = w << 4;
+  const uint32_t negative_lo = Permute(shifted, w, 0xD9C8u);
+  const uint32_t negative_hi = Permute(shifted, w, 0xFBEAu);
+  lo = (Permute(kNonNegLo, kNonNegHi, index_lo) & ~negative_lo) | (Permute(kNegLo, kNegHi, index_lo) & negative_lo);
+  hi = (Permute(kNonNegLo, kNonNegHi, index_hi) & ~negative_hi) | (Permute(kNegLo, kNegHi, index_hi) & negative_hi);
+}
+
+__device__ __forceinline__ void MmaE4m3(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t Word(const uint4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+// One K group's operands for one lane. Within a group the K order is permuted identically for
+// weights and activations (the sum does not care): lane (g, t) holds K elements
+// [32t, 32t + 32) of weight rows g and g + 8 and of token g, so every load is 16 contiguous bytes.
+template <class Cfg>
+struct GroupFragments {
+  uint4 weights[Cfg::kMTiles][2];      // rows g, g + 8 of each 16-row tile: 32 int4 each
+  uint4 activations[Cfg::kTTiles][2];  // token g of each 8-token tile: 32 fp8
+  float scales[Cfg::kMTiles][2];
+};
+
+template <class Cfg>
+struct WarpOperands {
+  const uint8_t* weight_rows[Cfg::kMTiles][2];
+  const float* scale_rows[Cfg::kMTiles][2];
+  const uint8_t* token_rows[Cfg::kTTiles];
+  bool tile_valid[Cfg::kMTiles];
+  bool token_valid[Cfg::kTTiles];
+
+  __device__ __forceinline__ void Load(GroupFragments<Cfg>& f, int group) const {
+#pragma unroll
+    for (int mt = 0; mt < Cfg::kMTiles; ++mt) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        f.weights[mt][half] = tile_valid[mt] ? LoadStreaming(weight_rows[mt][half] + group * (kGemmGroupSize / 2))
+                                             : make_uint4(0, 0, 0, 0);
+        f.scales[mt][half] = tile_valid[mt] ? __ldg(scale_rows[mt][half] + group) : 0.f;
+      }
+    }
+#pragma unroll
+    for (int tt = 0; tt < Cfg::kTTiles; ++tt) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        f.activations[tt][half] =
+            token_valid[tt] ? __ldg(reinterpret_cast<const uint4*>(token_rows[tt] + group * kGemmGroupSize) + half)
+                            : make_uint4(0, 0, 0, 0);
+      }
+    }
+  }
+};
+
+template <class Cfg>
+__device__ __forceinline__ void AccumulateGroup(const GroupFragments<Cfg>& f,
+                                                float (&acc)[Cfg::kMTiles][Cfg::kTTiles][4]) {
+  float group_sum[Cfg::kMTiles][Cfg::kTTiles][4] = {};
+#pragma unroll
+  for (int step = 0; step < 4; ++step) {  // 4 MMAs of K = 32 cover the 128-wide group
+    uint32_t a[Cfg::kMTiles][4];
+#pragma unroll
+    for (int mt = 0; mt < Cfg::kMTiles; ++mt) {
+      Int4ToE4m3(Word(f.weights[mt][0], step), a[mt][0], a[mt][2]);
+      Int4ToE4m3(Word(f.weights[mt][1], step), a[mt][1], a[mt][3]);
+    }
+#pragma unroll
+    for (int tt = 0; tt < Cfg::kTTiles; ++tt) {
+      const uint4& act = f.activations[tt][step / 2];
+      const uint32_t b0 = Word(act, 2 * (step % 2));
+      const uint32_t b1 = Word(act, 2 * (step % 2) + 1);
+#pragma unroll
+      for (int mt = 0; mt < Cfg::kMTiles; ++mt) MmaE4m3(group_sum[mt][tt], a[mt], b0, b1);
+    }
+  }
+#pragma unroll
+  for (int mt = 0; mt < Cfg::kMTiles; ++mt) {
+#pragma unroll
+    for (int tt = 0; tt < Cfg::kTTiles; ++tt) {
+      acc[mt][tt][0] += f.scales[mt][0] * group_sum[mt][tt][0];
+      acc[mt][tt][1] += f.scales[mt][0] * group_sum[mt][tt][1];
+      acc[mt][tt][2] += f.scales[mt][1] * group_sum[mt][tt][2];
+      acc[mt][tt][3] += f.scales[mt][1] * group_sum[mt][tt][3];
+    }
+  }
+}
+
+__device__ __forceinline__ uint4 PackBf16x8(const float (&v)[8]) {
+  uint4 packed;
+  __nv_bfloat162* pairs = reinterpret_cast<__nv_bfloat162*>(&packed);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) pairs[i] = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
+  return packed;
+}
+
+template <class Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads) GroupedGemmKernel(GroupedGemmArgs args) {
+  using BlockScan = cub::BlockScan<int, Cfg::kThreads>;
+  constexpr int kScanItems = (kGemmMaxExperts + 1 + Cfg::kThreads - 1) / Cfg::kThreads;
+  __shared__ typename BlockScan::TempStorage scan_storage;
+  __shared__ int row_start[kGemmMaxExperts + 1];   // offsets clamped to [0, rows]
+  __shared__ int tile_start[kGemmMaxExperts + 1];  // first token tile of each expert
+  __shared__ __align__(16) float tile_sums[Cfg::kWarpsK][Cfg::kBlockT][Cfg::kPitch];
+
+  const int num_experts = static_cast<int>(args.experts);
+  const int64_t n = args.n, k = args.k;
+  const int groups = static_cast<int>(k / kGemmGroupSize);
+
+  // Unit table: clamped offsets, then token tiles per expert, then their exclusive scan.
+  for (int e = threadIdx.x; e <= num_experts; e += Cfg::kThreads) {
+    const int64_t offset = args.offsets[e];
+    row_start[e] = static_cast<int>(offset < 0 ? 0 : offset > args.rows ? args.rows : offset);
+  }
+  __syncthreads();
+  int tiles[kScanItems];
+#pragma unroll
+  for (int i = 0; i < kScanItems; ++i) {
+    const int e = threadIdx.x * kScanItems + i;
+    tiles[i] = e < num_experts ? (max(row_start[e + 1] - row_start[e], 0) + Cfg::kBlockT - 1) / Cfg::kBlockT : 0;
+  }
+  BlockScan(scan_storage).ExclusiveSum(tiles, tiles);
+#pragma unroll
+  for (int i = 0; i < kScanItems; ++i) {
+    const int e = threadIdx.x * kScanItems + i;
+    if (e <= num_experts) tile_start[e] = tiles[i];
+  }
+  __syncthreads();
+
+  const float lhs_scale = *args.lhs_scale;
+  const int total_tiles = tile_start[num_experts];
+  const int n_blocks = static_cast<int>((n + Cfg::kBlockN - 1) / Cfg::kBlockN);
+  const int64_t units = static_cast<int64_t>(total_tiles) * n_blocks;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int warp_n = warp % Cfg::kWarpsN, warp_k = warp / Cfg::kWarpsN;
+  const int g = lane / 4, t = lane % 4;
+
+  // Consecutive units are token tiles of the same weight block, so blocks running together
+  // share weights through L2 when an expert has several token tiles.
+  for (int64_t unit = blockIdx.x; unit < units; unit += gridDim.x) {
+    const int n_block = static_cast<int>(unit / total_tiles);
+    const int tile = static_cast<int>(unit % total_tiles);
+    int lo = 0, hi = num_experts - 1;  // last expert whose first tile is <= tile
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (tile_start[mid] <= tile) lo = mid; else hi = mid - 1;
+    }
+    const int e = lo;
+    const int64_t token_begin = row_start[e] + static_cast<int64_t>(tile - tile_start[e]) * Cfg::kBlockT;
+    const int token_count = static_cast<int>(min(static_cast<int64_t>(Cfg::kBlockT), row_start[e + 1] - token_begin));
+    const int64_t row0 = static_cast<int64_t>(n_block) * Cfg::kBlockN + warp_n * 16 * Cfg::kMTiles;
+
+    WarpOperands<Cfg> ops;
+#pragma unroll
+    for (int mt = 0; mt < Cfg::kMTiles; ++mt) {
+      ops.tile_valid[mt] = row0 + mt * 16 < n;
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int64_t row = ops.tile_valid[mt] ? row0 + mt * 16 + g + 8 * half : 0;
+        ops.weight_rows[mt][half] = args.packed + (e * n + row) * (k / 2) + t * 16;
+        ops.scale_rows[mt][half] = args.scales + (e * n + row) * groups;
+      }
+    }
+#pragma unroll
+    for (int tt = 0; tt < Cfg::kTTiles; ++tt) {
+      const int token = tt * 8 + g;
+      ops.token_valid[tt] = token < token_count;
+      ops.token_rows[tt] = args.lhs + (ops.token_valid[tt] ? token_begin + token : 0) * k + t * 32;
+    }
+
+    // Register ring of kStages groups: kStages - 1 groups of loads stay in flight while one is
+    // multiplied (Little's law: each SM needs tens of KB of weight loads outstanding).
+    float acc[Cfg::kMTiles][Cfg::kTTiles][4] = {};
+    GroupFragments<Cfg> ring[Cfg::kStages];
+    const int my_groups = groups > warp_k ? (groups - warp_k + Cfg::kWarpsK - 1) / Cfg::kWarpsK : 0;
+#pragma unroll
+    for (int s = 0; s < Cfg::kStages - 1; ++s) {
+      if (s < my_groups) ops.Load(ring[s], warp_k + s * Cfg::kWarpsK);
+    }
+    for (int i = 0; i < my_groups; i += Cfg::kStages) {
+#pragma unroll
+      for (int s = 0; s < Cfg::kStages; ++s) {
+        const int ahead = i + s + Cfg::kStages - 1;
+        if (ahead < my_groups) ops.Load(ring[(s + Cfg::kStages - 1) % Cfg::kStages], warp_k + ahead * Cfg::kWarpsK);
+        if (i + s < my_groups) AccumulateGroup<Cfg>(ring[s], acc);
+      }
+    }
+
+    // MMA accumulator layout: lane (g, t) holds rows g, g + 8 and tokens 2t, 2t + 1.
+#pragma unroll
+    for (int mt = 0; mt < Cfg::kMTiles; ++mt) {
+#pragma unroll
+      for (int tt = 0; tt < Cfg::kTTiles; ++tt) {
+        const int row = warp_n * 16 * Cfg::kMTiles + mt * 16 + g;
+        const int token = tt * 8 + 2 * t;
+        tile_sums[warp_k][token][row] = acc[mt][tt][0];
+        tile_sums[warp_k][token + 1][row] = acc[mt][tt][1];
+        tile_sums[warp_k][token][row + 8] = acc[mt][tt][2];
+        tile_sums[warp_k][token + 1][row + 8] = acc[mt][tt][3];
+      }
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < Cfg::kBlockT * Cfg::kBlockN / 8; idx += Cfg::kThreads) {
+      const int token = idx / (Cfg::kBlockN / 8);
+      const int col = (idx % (Cfg::kBlockN / 8)) * 8;
+      const int64_t out_col = static_cast<int64_t>(n_block) * Cfg::kBlockN + col;
+      if (token >= token_count || out_col >= n) continue;
+      float v[8] = {};
+#pragma unroll
+      for (int wk = 0; wk < Cfg::kWarpsK; ++wk) {
+        const float4 x0 = *reinterpret_cast<const float4*>(&tile_sums[wk][token][col]);
+        const float4 x1 = *reinterpret_cast<const float4*>(&tile_sums[wk][token][col + 4]);
+        v[0] += x0.x; v[1] += x0.y; v[2] += x0.z; v[3] += x0.w;
+        v[4] += x1.x; v[5] += x1.y; v[6] += x1.z; v[7] += x1.w;
+      }
+#pragma unroll
+      for (int i = 0; i < 8; ++i) v[i] *= lhs_scale;
+      *reinterpret_cast<uint4*>(args.out + (token_begin + token) * n + out_col) = PackBf16x8(v);
+    }
+    __syncthreads();  // the next unit reuses tile_sums
+  }
+
+  // Rows no expert owns are zero.
+  const int64_t kept = row_start[num_experts];
+  const int64_t zero_vectors = (args.rows - kept) * (n / 8);
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * Cfg::kThreads + threadIdx.x; i < zero_vectors;
+       i += static_cast<int64_t>(gridDim.x) * Cfg::kThreads) {
+    *reinterpret_cast<uint4*>(args.out + kept * n + i * 8) = make_uint4(0, 0, 0, 0);
+  }
+}
+
+struct KernelConfig {
+  void (*kernel)(GroupedGemmArgs);
+  int threads;
+};
+
+template <class Cfg>
+constexpr KernelConfig Entry() {
+  return {GroupedGemmKernel<Cfg>, Cfg::kThreads};
+}
+
+// TileConfig<16-row tiles per warp, 8-token tiles per block, warps along N, warps along K,
+// register stages>.
+constexpr KernelConfig kConfigs[] = {
+    Entry<TileConfig<1, 1, 2, 4, 4>>(),  // 0: decode, long K: 32 rows x 8 tokens, 4-way split K
+    Entry<TileConfig<1, 1, 1, 4, 4>>(),  // 1: decode, long K: 16 rows x 8 tokens, 4-way split K
+    Entry<TileConfig<1, 1, 4, 2, 4>>(),  // 2: decode, short K: 64 rows x 8 tokens
+    Entry<TileConfig<1, 1, 4, 1, 4>>(),  // 3: decode, short K: 64 rows x 8 tokens, no split
+    Entry<TileConfig<1, 2, 4, 2, 3>>(),  // 4: 64 rows x 16 tokens
+    Entry<TileConfig<2, 2, 2, 4, 2>>(),  // 5: 64 rows x 16 tokens, 4-way split K
+    Entry<TileConfig<2, 4, 4, 1, 2>>(),  // 6: 128 rows x 32 tokens
+    Entry<TileConfig<1, 4, 8, 1, 2>>(),  // 7: 128 rows x 32 tokens, one tile per warp
+};
+constexpr int kNumConfigs = sizeof(kConfigs) / sizeof(kConfigs[0]);
+
+}  // namespace
+
+int GroupedGemmNumConfigs() { return kNumConfigs; }
+
+int GroupedGemmDefaultConfig(int64_t rows, int64_t n, int64_t k, int64_t experts) {
+  const int64_t rows_per_expert = rows / experts;
+  if (rows_per_expert <= 8) return k >= 2048 ? 0 : 2;
+  if (rows_per_expert <= 32) return 4;
+  return 6;
+}
+
+cudaError_t LaunchGroupedGemm(const GroupedGemmArgs& args, int config, cudaStream_t stream) {
+  if (args.rows == 0 || args.n == 0) return cudaSuccess;
+  if (args.k <= 0 || args.k % kGemmGroupSize || args.n % kGemmRowAlignment || args.experts < 1 ||
+      args.experts > kGemmMaxExperts || config >= kNumConfigs) {
+    return cudaErrorInvalidValue;
+  }
+  if (config < 0) config = GroupedGemmDefaultConfig(args.rows, args.n, args.k, args.experts);
+  const KernelConfig& cfg = kConfigs[config];
+  int device = 0, sms = 0, blocks_per_sm = 0;
+  cudaError_t status = cudaGetDevice(&device);
+  if (status == cudaSuccess) status = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (status == cudaSuccess) {
+    status = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, cfg.kernel, cfg.threads, 0);
+  }
+  if (status != cudaSuccess) return status;
+  cfg.kernel<<<sms * blocks_per_sm, cfg.threads, 0, stream>>>(args);
+  return cudaGetLastError();
+}
+
+}  // namespace w4afp8
