@@ -316,11 +316,12 @@ def _jax_fp8_rate(args, n: int) -> dict:
 
 def random_w4_weights(key, num_experts: int, out_features: int, in_features: int,
                       group_size: int = GROUP_SIZE) -> W4Weights:
-    """Random packed int4 bytes (uniform over [-8, 7]) and scales ~ randn * 0.005, on the device."""
+    """Random packed int4 bytes (uniform over [-8, 7]) and scales ~ randn * 0.005, on the device,
+    in the tiled layout the CUDA kernels read (W4Weights.prepare)."""
     k_packed, k_scales = jax.random.split(key)
     packed = jax.random.bits(k_packed, (num_experts, out_features, in_features // 2), jnp.uint8)
     scales = jax.random.normal(k_scales, (num_experts, out_features, in_features // group_size), jnp.float32)
-    return W4Weights(packed, scales * 0.005, group_size)
+    return W4Weights(packed, scales * 0.005, group_size).prepare()
 
 
 def weight_bytes_per_expert(w: W4Weights) -> int:

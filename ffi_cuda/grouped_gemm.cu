@@ -73,6 +73,21 @@ __device__ __forceinline__ void MmaE4m3(float (&d)[4], const uint32_t (&a)[4], u
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// A lane's 16 bytes of weight row (tile_row + g + 8 * half) for K group 0; group j is at
+// + j * WeightGroupStride. Lane (g, t) reads bytes [16t, 16t + 16) of the row's 64-byte group.
+__device__ __forceinline__ const uint8_t* WeightLaneBase(const GroupedGemmArgs& args, int64_t expert,
+                                                         int64_t tile_row, int half, int lane) {
+  const int64_t expert_base = expert * args.n * (args.k / 2);
+  if (args.tiled_weights) {
+    return args.packed + expert_base + (tile_row / 16) * (args.k / kGemmGroupSize) * 1024 + half * 512 + lane * 16;
+  }
+  return args.packed + expert_base + (tile_row + lane / 4 + 8 * half) * (args.k / 2) + (lane % 4) * 16;
+}
+
+__device__ __forceinline__ int64_t WeightGroupStride(const GroupedGemmArgs& args) {
+  return args.tiled_weights ? 1024 : kGemmGroupSize / 2;
+}
+
 __device__ __forceinline__ uint32_t Word(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
@@ -94,13 +109,14 @@ struct WarpOperands {
   const uint8_t* token_rows[Cfg::kTTiles];
   bool tile_valid[Cfg::kMTiles];
   bool token_valid[Cfg::kTTiles];
+  int64_t weight_group_stride;
 
   __device__ __forceinline__ void Load(GroupFragments<Cfg>& f, int group) const {
 #pragma unroll
     for (int mt = 0; mt < Cfg::kMTiles; ++mt) {
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        f.weights[mt][half] = tile_valid[mt] ? LoadStreaming(weight_rows[mt][half] + group * (kGemmGroupSize / 2))
+        f.weights[mt][half] = tile_valid[mt] ? LoadStreaming(weight_rows[mt][half] + group * weight_group_stride)
                                              : make_uint4(0, 0, 0, 0);
         f.scales[mt][half] = tile_valid[mt] ? __ldg(scale_rows[mt][half] + group) : 0.f;
       }
@@ -158,41 +174,75 @@ __device__ __forceinline__ uint4 PackBf16x8(const float (&v)[8]) {
   return packed;
 }
 
+// Token tiles of kBlockT rows, numbered across experts; every block builds this table in
+// shared memory from the offsets (clamped into [0, rows], so bad offsets stay in bounds).
+template <int kThreads, int kBlockT>
+struct TileTable {
+  int row_start[kGemmMaxExperts + 1];   // clamped offsets
+  int tile_start[kGemmMaxExperts + 1];  // first token tile of each expert; [E] = total tiles
+  typename cub::BlockScan<int, kThreads>::TempStorage scan;
+
+  struct Tile {
+    int expert;
+    int64_t token_begin;
+    int token_count;
+  };
+
+  __device__ void Build(const GroupedGemmArgs& args) {
+    constexpr int kScanItems = (kGemmMaxExperts + 1 + kThreads - 1) / kThreads;
+    const int num_experts = static_cast<int>(args.experts);
+    for (int e = threadIdx.x; e <= num_experts; e += kThreads) {
+      const int64_t offset = args.offsets[e];
+      row_start[e] = static_cast<int>(offset < 0 ? 0 : offset > args.rows ? args.rows : offset);
+    }
+    __syncthreads();
+    int tiles[kScanItems];
+#pragma unroll
+    for (int i = 0; i < kScanItems; ++i) {
+      const int e = threadIdx.x * kScanItems + i;
+      tiles[i] = e < num_experts ? (max(row_start[e + 1] - row_start[e], 0) + kBlockT - 1) / kBlockT : 0;
+    }
+    cub::BlockScan<int, kThreads>(scan).ExclusiveSum(tiles, tiles);
+#pragma unroll
+    for (int i = 0; i < kScanItems; ++i) {
+      const int e = threadIdx.x * kScanItems + i;
+      if (e <= num_experts) tile_start[e] = tiles[i];
+    }
+    __syncthreads();
+  }
+
+  __device__ Tile Find(int tile, int num_experts) const {
+    int lo = 0, hi = num_experts - 1;  // last expert whose first tile is <= tile
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (tile_start[mid] <= tile) lo = mid; else hi = mid - 1;
+    }
+    const int64_t begin = row_start[lo] + static_cast<int64_t>(tile - tile_start[lo]) * kBlockT;
+    return {lo, begin, static_cast<int>(min(static_cast<int64_t>(kBlockT), row_start[lo + 1] - begin))};
+  }
+};
+
+// Rows no expert owns are zero.
+__device__ void ZeroUnownedRows(const GroupedGemmArgs& args, int64_t kept) {
+  const int64_t zero_vectors = (args.rows - kept) * (args.n / 8);
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < zero_vectors;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    *reinterpret_cast<uint4*>(args.out + kept * args.n + i * 8) = make_uint4(0, 0, 0, 0);
+  }
+}
+
 template <class Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads) GroupedGemmKernel(GroupedGemmArgs args) {
-  using BlockScan = cub::BlockScan<int, Cfg::kThreads>;
-  constexpr int kScanItems = (kGemmMaxExperts + 1 + Cfg::kThreads - 1) / Cfg::kThreads;
-  __shared__ typename BlockScan::TempStorage scan_storage;
-  __shared__ int row_start[kGemmMaxExperts + 1];   // offsets clamped to [0, rows]
-  __shared__ int tile_start[kGemmMaxExperts + 1];  // first token tile of each expert
+  __shared__ TileTable<Cfg::kThreads, Cfg::kBlockT> table;
   __shared__ __align__(16) float tile_sums[Cfg::kWarpsK][Cfg::kBlockT][Cfg::kPitch];
 
   const int num_experts = static_cast<int>(args.experts);
   const int64_t n = args.n, k = args.k;
   const int groups = static_cast<int>(k / kGemmGroupSize);
-
-  // Unit table: clamped offsets, then token tiles per expert, then their exclusive scan.
-  for (int e = threadIdx.x; e <= num_experts; e += Cfg::kThreads) {
-    const int64_t offset = args.offsets[e];
-    row_start[e] = static_cast<int>(offset < 0 ? 0 : offset > args.rows ? args.rows : offset);
-  }
-  __syncthreads();
-  int tiles[kScanItems];
-#pragma unroll
-  for (int i = 0; i < kScanItems; ++i) {
-    const int e = threadIdx.x * kScanItems + i;
-    tiles[i] = e < num_experts ? (max(row_start[e + 1] - row_start[e], 0) + Cfg::kBlockT - 1) / Cfg::kBlockT : 0;
-  }
-  BlockScan(scan_storage).ExclusiveSum(tiles, tiles);
-#pragma unroll
-  for (int i = 0; i < kScanItems; ++i) {
-    const int e = threadIdx.x * kScanItems + i;
-    if (e <= num_experts) tile_start[e] = tiles[i];
-  }
-  __syncthreads();
+  table.Build(args);
 
   const float lhs_scale = *args.lhs_scale;
-  const int total_tiles = tile_start[num_experts];
+  const int total_tiles = table.tile_start[num_experts];
   const int n_blocks = static_cast<int>((n + Cfg::kBlockN - 1) / Cfg::kBlockN);
   const int64_t units = static_cast<int64_t>(total_tiles) * n_blocks;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -204,25 +254,22 @@ __global__ void __launch_bounds__(Cfg::kThreads) GroupedGemmKernel(GroupedGemmAr
   for (int64_t unit = blockIdx.x; unit < units; unit += gridDim.x) {
     const int n_block = static_cast<int>(unit / total_tiles);
     const int tile = static_cast<int>(unit % total_tiles);
-    int lo = 0, hi = num_experts - 1;  // last expert whose first tile is <= tile
-    while (lo < hi) {
-      const int mid = (lo + hi + 1) / 2;
-      if (tile_start[mid] <= tile) lo = mid; else hi = mid - 1;
-    }
-    const int e = lo;
-    const int64_t token_begin = row_start[e] + static_cast<int64_t>(tile - tile_start[e]) * Cfg::kBlockT;
-    const int token_count = static_cast<int>(min(static_cast<int64_t>(Cfg::kBlockT), row_start[e + 1] - token_begin));
+    const auto found = table.Find(tile, num_experts);
+    const int e = found.expert;
+    const int64_t token_begin = found.token_begin;
+    const int token_count = found.token_count;
     const int64_t row0 = static_cast<int64_t>(n_block) * Cfg::kBlockN + warp_n * 16 * Cfg::kMTiles;
 
     WarpOperands<Cfg> ops;
+    ops.weight_group_stride = WeightGroupStride(args);
 #pragma unroll
     for (int mt = 0; mt < Cfg::kMTiles; ++mt) {
       ops.tile_valid[mt] = row0 + mt * 16 < n;
+      const int64_t tile_row = ops.tile_valid[mt] ? row0 + mt * 16 : 0;
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        const int64_t row = ops.tile_valid[mt] ? row0 + mt * 16 + g + 8 * half : 0;
-        ops.weight_rows[mt][half] = args.packed + (e * n + row) * (k / 2) + t * 16;
-        ops.scale_rows[mt][half] = args.scales + (e * n + row) * groups;
+        ops.weight_rows[mt][half] = WeightLaneBase(args, e, tile_row, half, lane);
+        ops.scale_rows[mt][half] = args.scales + (e * n + tile_row + g + 8 * half) * groups;
       }
     }
 #pragma unroll
@@ -284,23 +331,242 @@ __global__ void __launch_bounds__(Cfg::kThreads) GroupedGemmKernel(GroupedGemmAr
     __syncthreads();  // the next unit reuses tile_sums
   }
 
-  // Rows no expert owns are zero.
-  const int64_t kept = row_start[num_experts];
-  const int64_t zero_vectors = (args.rows - kept) * (n / 8);
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * Cfg::kThreads + threadIdx.x; i < zero_vectors;
-       i += static_cast<int64_t>(gridDim.x) * Cfg::kThreads) {
-    *reinterpret_cast<uint4*>(args.out + kept * n + i * 8) = make_uint4(0, 0, 0, 0);
+  ZeroUnownedRows(args, table.row_start[num_experts]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Streaming kernel for decode: every warp owns whole units (one 8*kTTiles token tile times
+// 16*kMTiles weight rows, all of K) and walks its units as one continuous stream of K groups.
+// cp.async keeps kStages - 1 groups of operands in flight per warp in a lane-private shared
+// memory ring, across unit boundaries, so no warp ever waits for a block barrier or for a
+// pipeline to refill.
+
+template <int kMTiles_, int kTTiles_, int kStages_>
+struct StreamConfig {
+  static constexpr int kMTiles = kMTiles_;
+  static constexpr int kTTiles = kTTiles_;
+  static constexpr int kStages = kStages_;
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kBlockT = 8 * kTTiles;
+  static constexpr int kRows = 16 * kMTiles;
+  // One stage of one warp: 16-byte chunks, each laid out lane-contiguously (conflict-free).
+  static constexpr int kWeightChunks = 2 * kMTiles;
+  static constexpr int kActChunks = 2 * kTTiles;
+  static constexpr int kStageBytes = 32 * (16 * (kWeightChunks + kActChunks) + 8 * kMTiles);
+  static constexpr int kEpilogueBytes = kBlockT * kRows * 4;
+  static constexpr int kSmemBytes = kWarps * (kStages * kStageBytes + kEpilogueBytes);
+};
+
+__device__ __forceinline__ void CopyAsync16(void* dst, const void* src, bool valid) {
+  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d), "l"(src), "r"(valid ? 16 : 0) : "memory");
+}
+
+__device__ __forceinline__ void CopyAsync4(void* dst, const void* src, bool valid) {
+  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(d), "l"(src), "r"(valid ? 4 : 0) : "memory");
+}
+
+__device__ __forceinline__ void CommitAsync() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+
+template <int kPending>
+__device__ __forceinline__ void WaitAsync() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory");
+}
+
+// Where one unit's operands live, for one lane.
+template <class Cfg>
+struct StreamUnit {
+  const uint8_t* weight_rows[Cfg::kMTiles][2];
+  const float* scale_rows[Cfg::kMTiles][2];
+  const uint8_t* token_rows[Cfg::kTTiles];
+  bool tile_valid[Cfg::kMTiles];
+  bool token_valid[Cfg::kTTiles];
+  int64_t weight_group_stride;
+  int64_t token_begin;
+  int token_count;
+  int64_t row0;
+
+  template <class Table>
+  __device__ __forceinline__ void Locate(const GroupedGemmArgs& args, const Table& table, int64_t unit,
+                                         int total_tiles, int lane) {
+    const int g = lane / 4, t = lane % 4;
+    const auto found = table.Find(static_cast<int>(unit % total_tiles), static_cast<int>(args.experts));
+    token_begin = found.token_begin;
+    token_count = found.token_count;
+    row0 = (unit / total_tiles) * Cfg::kRows;
+    const int64_t groups = args.k / kGemmGroupSize;
+    weight_group_stride = WeightGroupStride(args);
+#pragma unroll
+    for (int mt = 0; mt < Cfg::kMTiles; ++mt) {
+      tile_valid[mt] = row0 + mt * 16 < args.n;
+      const int64_t tile_row = tile_valid[mt] ? row0 + mt * 16 : 0;
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        weight_rows[mt][half] = WeightLaneBase(args, found.expert, tile_row, half, lane);
+        scale_rows[mt][half] = args.scales + (found.expert * args.n + tile_row + g + 8 * half) * groups;
+      }
+    }
+#pragma unroll
+    for (int tt = 0; tt < Cfg::kTTiles; ++tt) {
+      const int token = tt * 8 + g;
+      token_valid[tt] = token < token_count;
+      token_rows[tt] = args.lhs + (token_valid[tt] ? token_begin + token : 0) * args.k + t * 32;
+    }
   }
+
+  // Invalid operands are zero-filled by cp.async (source size 0), never read.
+  __device__ __forceinline__ void Issue(uint8_t* stage, int group, int lane) const {
+#pragma unroll
+    for (int mt = 0; mt < Cfg::kMTiles; ++mt) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        CopyAsync16(stage + (2 * mt + half) * 512 + lane * 16, weight_rows[mt][half] + group * weight_group_stride,
+                    tile_valid[mt]);
+        CopyAsync4(stage + 512 * (Cfg::kWeightChunks + Cfg::kActChunks) + lane * 8 * Cfg::kMTiles + (2 * mt + half) * 4,
+                   scale_rows[mt][half] + group, tile_valid[mt]);
+      }
+    }
+#pragma unroll
+    for (int tt = 0; tt < Cfg::kTTiles; ++tt) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        CopyAsync16(stage + (Cfg::kWeightChunks + 2 * tt + half) * 512 + lane * 16,
+                    token_rows[tt] + group * kGemmGroupSize + half * 16, token_valid[tt]);
+      }
+    }
+  }
+};
+
+template <class Cfg>
+__device__ __forceinline__ void ReadStage(const uint8_t* stage, int lane, GroupFragments<Cfg>& f) {
+#pragma unroll
+  for (int mt = 0; mt < Cfg::kMTiles; ++mt) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      f.weights[mt][half] = *reinterpret_cast<const uint4*>(stage + (2 * mt + half) * 512 + lane * 16);
+      f.scales[mt][half] = *reinterpret_cast<const float*>(
+          stage + 512 * (Cfg::kWeightChunks + Cfg::kActChunks) + lane * 8 * Cfg::kMTiles + (2 * mt + half) * 4);
+    }
+  }
+#pragma unroll
+  for (int tt = 0; tt < Cfg::kTTiles; ++tt) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      f.activations[tt][half] =
+          *reinterpret_cast<const uint4*>(stage + (Cfg::kWeightChunks + 2 * tt + half) * 512 + lane * 16);
+    }
+  }
+}
+
+template <class Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads) GroupedGemmStreamKernel(GroupedGemmArgs args) {
+  __shared__ TileTable<Cfg::kThreads, Cfg::kBlockT> table;
+  extern __shared__ __align__(16) uint8_t stream_smem[];
+  table.Build(args);
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane / 4, t = lane % 4;
+  uint8_t* ring = stream_smem + warp * (Cfg::kStages * Cfg::kStageBytes + Cfg::kEpilogueBytes);
+  float* epilogue = reinterpret_cast<float*>(ring + Cfg::kStages * Cfg::kStageBytes);
+
+  const int groups = static_cast<int>(args.k / kGemmGroupSize);
+  const int total_tiles = table.tile_start[args.experts];
+  const int64_t row_blocks = (args.n + Cfg::kRows - 1) / Cfg::kRows;
+  const int64_t units = static_cast<int64_t>(total_tiles) * row_blocks;
+  const int64_t first_unit = static_cast<int64_t>(blockIdx.x) * Cfg::kWarps + warp;
+  const int64_t unit_stride = static_cast<int64_t>(gridDim.x) * Cfg::kWarps;
+  const int64_t my_units = first_unit < units ? (units - first_unit + unit_stride - 1) / unit_stride : 0;
+  const int64_t steps = my_units * groups;
+  const float lhs_scale = *args.lhs_scale;
+
+  // Load side runs kStages - 1 steps ahead of the compute side; each side tracks its own unit.
+  StreamUnit<Cfg> loading, computing;
+  int64_t load_step = 0;
+  int load_group = 0;
+  if (steps > 0) loading.Locate(args, table, first_unit, total_tiles, lane);
+#pragma unroll
+  for (int s = 0; s < Cfg::kStages - 1; ++s) {
+    if (load_step < steps) {
+      loading.Issue(ring + s * Cfg::kStageBytes, load_group, lane);
+      ++load_step;
+      if (++load_group == groups && load_step < steps) {
+        load_group = 0;
+        loading.Locate(args, table, first_unit + (load_step / groups) * unit_stride, total_tiles, lane);
+      }
+    }
+    CommitAsync();  // empty groups keep the wait count uniform
+  }
+
+  float acc[Cfg::kMTiles][Cfg::kTTiles][4] = {};
+  int compute_group = 0;
+  if (steps > 0) computing.Locate(args, table, first_unit, total_tiles, lane);
+  for (int64_t step = 0; step < steps; ++step) {
+    WaitAsync<Cfg::kStages - 2>();
+    GroupFragments<Cfg> f;
+    ReadStage<Cfg>(ring + (step % Cfg::kStages) * Cfg::kStageBytes, lane, f);
+    AccumulateGroup<Cfg>(f, acc);
+
+    // Refill the slot read one step ago (this lane's own reads of it have completed).
+    if (load_step < steps) {
+      loading.Issue(ring + (load_step % Cfg::kStages) * Cfg::kStageBytes, load_group, lane);
+      ++load_step;
+      if (++load_group == groups && load_step < steps) {
+        load_group = 0;
+        loading.Locate(args, table, first_unit + (load_step / groups) * unit_stride, total_tiles, lane);
+      }
+    }
+    CommitAsync();
+
+    if (++compute_group < groups) continue;
+    // Unit done: transpose through this warp's epilogue buffer into 16-byte bf16 row stores.
+    compute_group = 0;
+#pragma unroll
+    for (int mt = 0; mt < Cfg::kMTiles; ++mt) {
+#pragma unroll
+      for (int tt = 0; tt < Cfg::kTTiles; ++tt) {
+        const int row = mt * 16 + g, token = tt * 8 + 2 * t;
+        epilogue[token * Cfg::kRows + row] = acc[mt][tt][0];
+        epilogue[(token + 1) * Cfg::kRows + row] = acc[mt][tt][1];
+        epilogue[token * Cfg::kRows + row + 8] = acc[mt][tt][2];
+        epilogue[(token + 1) * Cfg::kRows + row + 8] = acc[mt][tt][3];
+        acc[mt][tt][0] = acc[mt][tt][1] = acc[mt][tt][2] = acc[mt][tt][3] = 0.f;
+      }
+    }
+    __syncwarp();
+    for (int idx = lane; idx < Cfg::kBlockT * Cfg::kRows / 8; idx += 32) {
+      const int token = idx / (Cfg::kRows / 8), col = (idx % (Cfg::kRows / 8)) * 8;
+      if (token >= computing.token_count || computing.row0 + col >= args.n) continue;
+      float v[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) v[i] = epilogue[token * Cfg::kRows + col + i] * lhs_scale;
+      *reinterpret_cast<uint4*>(args.out + (computing.token_begin + token) * args.n + computing.row0 + col) =
+          PackBf16x8(v);
+    }
+    __syncwarp();
+    if (step + 1 < steps) {
+      computing.Locate(args, table, first_unit + ((step + 1) / groups) * unit_stride, total_tiles, lane);
+    }
+  }
+  WaitAsync<0>();
+  ZeroUnownedRows(args, table.row_start[args.experts]);
 }
 
 struct KernelConfig {
   void (*kernel)(GroupedGemmArgs);
   int threads;
+  int smem_bytes;  // dynamic shared memory
 };
 
 template <class Cfg>
 constexpr KernelConfig Entry() {
-  return {GroupedGemmKernel<Cfg>, Cfg::kThreads};
+  return {GroupedGemmKernel<Cfg>, Cfg::kThreads, 0};
+}
+
+template <class Cfg>
+constexpr KernelConfig StreamEntry() {
+  return {GroupedGemmStreamKernel<Cfg>, Cfg::kThreads, Cfg::kSmemBytes};
 }
 
 // TileConfig<16-row tiles per warp, 8-token tiles per block, warps along N, warps along K,
@@ -314,6 +580,12 @@ constexpr KernelConfig kConfigs[] = {
     Entry<TileConfig<2, 2, 2, 4, 2>>(),  // 5: 64 rows x 16 tokens, 4-way split K
     Entry<TileConfig<2, 4, 4, 1, 2>>(),  // 6: 128 rows x 32 tokens
     Entry<TileConfig<1, 4, 8, 1, 2>>(),  // 7: 128 rows x 32 tokens, one tile per warp
+    // StreamConfig<16-row tiles per warp, 8-token tiles per warp, cp.async stages>.
+    StreamEntry<StreamConfig<1, 1, 8>>(),  // 8: decode: 16 rows x 8 tokens per warp unit
+    StreamEntry<StreamConfig<1, 1, 12>>(),  // 9
+    StreamEntry<StreamConfig<2, 1, 6>>(),  // 10: 32 rows x 8 tokens
+    StreamEntry<StreamConfig<1, 2, 6>>(),  // 11: 16 rows x 16 tokens
+    StreamEntry<StreamConfig<2, 2, 4>>(),  // 12: 32 rows x 16 tokens
 };
 constexpr int kNumConfigs = sizeof(kConfigs) / sizeof(kConfigs[0]);
 
@@ -339,11 +611,15 @@ cudaError_t LaunchGroupedGemm(const GroupedGemmArgs& args, int config, cudaStrea
   int device = 0, sms = 0, blocks_per_sm = 0;
   cudaError_t status = cudaGetDevice(&device);
   if (status == cudaSuccess) status = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (status == cudaSuccess && cfg.smem_bytes > 48 * 1024) {
+    status = cudaFuncSetAttribute(cfg.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, cfg.smem_bytes);
+  }
   if (status == cudaSuccess) {
-    status = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, cfg.kernel, cfg.threads, 0);
+    status = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, cfg.kernel, cfg.threads, cfg.smem_bytes);
   }
   if (status != cudaSuccess) return status;
-  cfg.kernel<<<sms * blocks_per_sm, cfg.threads, 0, stream>>>(args);
+  if (blocks_per_sm == 0) return cudaErrorInvalidConfiguration;
+  cfg.kernel<<<sms * blocks_per_sm, cfg.threads, cfg.smem_bytes, stream>>>(args);
   return cudaGetLastError();
 }
 

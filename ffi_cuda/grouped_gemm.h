@@ -18,7 +18,10 @@ constexpr int kGemmMaxExperts = 1024;
 struct GroupedGemmArgs {
   const uint8_t* lhs;        // fp8 e4m3 [rows, k]
   const float* lhs_scale;    // [1], on the device
-  const uint8_t* packed;     // [experts, n, k / 2], element 2i in the low nibble
+  // [experts, n, k / 2], element 2i in the low nibble. Checkpoint order: each row's K/2 bytes
+  // contiguous. Tiled order (tiled_weights): one contiguous 1 KiB block per (16-row tile,
+  // 128-wide group), laid out as the MMA lanes read it (see tile_packed in weights.py).
+  const uint8_t* packed;
   const float* scales;       // [experts, n, k / 128]
   const int32_t* offsets;    // [experts + 1]; clamped to [0, rows] on the device
   __nv_bfloat16* out;        // [rows, n]
@@ -26,6 +29,7 @@ struct GroupedGemmArgs {
   int64_t n;
   int64_t k;
   int64_t experts;
+  bool tiled_weights;
 };
 
 // Number of kernel configurations (tile shapes); see grouped_gemm.cu for the table.

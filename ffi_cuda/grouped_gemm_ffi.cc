@@ -7,7 +7,8 @@ namespace w4afp8 {
 namespace {
 
 ffi::Error GroupedGemm(cudaStream_t stream, ffi::AnyBuffer lhs, F32Vector lhs_scale, U8Tensor3 packed,
-                       F32Tensor3 scales, S32Vector offsets, Bf16MatrixOut out, int32_t config) {
+                       F32Tensor3 scales, S32Vector offsets, Bf16MatrixOut out, int32_t config,
+                       int32_t tiled_layout) {
   W4AFP8_RETURN_IF_ERROR(RequireType(lhs, ffi::DataType::F8E4M3FN, "grouped_gemm: lhs"));
   W4AFP8_RETURN_IF_ERROR(RequireRank(lhs, 2, "grouped_gemm: lhs"));
   const int64_t rows = lhs.dimensions()[0], k = lhs.dimensions()[1];
@@ -36,7 +37,8 @@ ffi::Error GroupedGemm(cudaStream_t stream, ffi::AnyBuffer lhs, F32Vector lhs_sc
                              rows,
                              n,
                              k,
-                             experts};
+                             experts,
+                             tiled_layout != 0};
   return LaunchStatus(LaunchGroupedGemm(args, config, stream), "grouped_gemm");
 }
 
@@ -52,5 +54,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(W4afp8GroupedGemm, w4afp8::GroupedGemm,
                                   .Arg<w4afp8::F32Tensor3>()
                                   .Arg<w4afp8::S32Vector>()
                                   .Ret<w4afp8::Bf16Matrix>()
-                                  .Attr<int32_t>("config"),
+                                  .Attr<int32_t>("config")
+                                  .Attr<int32_t>("tiled_layout"),
                               {w4afp8::kGraphSafe});

@@ -26,3 +26,12 @@ def rng(request):
     request.node.user_properties.append(("seed", seed))
     print(f"seed={seed}")
     return np.random.default_rng(seed)
+
+
+@pytest.fixture(scope="module")
+def module_rng():
+    """Like `rng`, for module-scoped fixtures (large weights built once per module); the seed is
+    printed during the first test's setup and returned with the generator for failure messages."""
+    seed = np.random.SeedSequence().entropy % (2**32)
+    print(f"module seed={seed}")
+    return seed, np.random.default_rng(seed)

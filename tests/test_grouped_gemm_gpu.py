@@ -55,7 +55,7 @@ def run_poisoned(fn, *args):
 
 def float64_rows(lhs, lhs_scale, weights, offsets, rows):
     """Independent float64 model for selected rows."""
-    packed = np.asarray(weights.packed)
+    packed = np.asarray(weights.checkpoint_packed())
     scales = np.asarray(weights.scales, np.float64)
     q = np.asarray(lhs.astype(jnp.float32), np.float64)
     offs = np.asarray(offsets)
@@ -71,8 +71,10 @@ def float64_rows(lhs, lhs_scale, weights, offsets, rows):
     return out
 
 
-def check_against_references(rng, e, n, k, counts, extra_rows=0):
+def check_against_references(rng, e, n, k, counts, extra_rows=0, layout="tiled"):
     weights = make_weights(rng, e, n, k)
+    if layout == "tiled":
+        weights = weights.prepare()
     rows = int(np.sum(counts)) + extra_rows
     lhs, lhs_scale = make_lhs(rng, rows, k)
     offsets = offsets_from_counts(counts)
@@ -107,7 +109,10 @@ def check_against_references(rng, e, n, k, counts, extra_rows=0):
         (256, 1024, 7168, "uniform256", 0),  # R = 65536: prefill
     ],
 )
-def test_grouped_gemm_matches_references(rng, e, n, k, counts, extra):
+@pytest.mark.parametrize("layout", ["tiled", "checkpoint"])
+def test_grouped_gemm_matches_references(rng, e, n, k, counts, extra, layout):
+    if layout == "checkpoint" and e * n * k > 2**31:
+        pytest.skip("the checkpoint layout is covered on the smaller shapes")
     if counts == "random20":
         counts = rng.integers(0, 21, size=e)
     elif counts == "random300":
@@ -119,14 +124,17 @@ def test_grouped_gemm_matches_references(rng, e, n, k, counts, extra):
         counts = np.bincount(rng.integers(0, e, size=32), minlength=e)
     elif counts == "uniform256":
         counts = np.full(e, 256)
-    check_against_references(rng, e, n, k, np.asarray(counts), extra)
+    check_against_references(rng, e, n, k, np.asarray(counts), extra, layout)
 
 
+@pytest.mark.parametrize("layout", ["tiled", "checkpoint"])
 @pytest.mark.parametrize("config", range(_w4afp8_cuda.grouped_gemm_num_configs() if _w4afp8_cuda else 0))
-def test_every_tile_config(rng, config):
-    e, n, k = 4, 512, 1024
+def test_every_tile_config(rng, config, layout):
+    e, n, k = 4, 528, 1024  # N = 33 tiles of 16 rows: partial row blocks for every config
     counts = np.array([5, 0, 70, 17])
     weights = make_weights(rng, e, n, k)
+    if layout == "tiled":
+        weights = weights.prepare()
     lhs, scale = make_lhs(rng, int(counts.sum()) + 3, k)
     offsets = offsets_from_counts(counts)
     got = run_poisoned(jax.jit(lambda a, s, w, o: _grouped_gemm_cuda(a, s, w, o, config)), lhs, scale, weights, offsets)

@@ -69,4 +69,8 @@ def check_static_scale(name: str, scale) -> jax.Array | None:
     v = float(value.reshape(()))
     if not math.isfinite(v) or v <= 0.0:
         raise ValueError(f"{name} must be finite and positive, got {v}")
-    return jnp.asarray(v, dtype=jnp.float32)
+    with np.errstate(over="ignore", under="ignore"):
+        v32 = np.float32(v)
+    if not np.isfinite(v32) or v32 <= 0.0:  # e.g. 1e-50 or 1e39: zero or inf once in f32
+        raise ValueError(f"{name} must be finite and positive in float32, got {v}")
+    return jnp.asarray(v32, dtype=jnp.float32)

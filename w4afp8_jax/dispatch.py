@@ -90,7 +90,10 @@ def combine(rows, positions, topk_weights, routed_scaling_factor: float = 1.0, *
                          f"{tuple(np.shape(positions))}")
     if np.shape(rows)[0] != np.size(positions):
         raise ValueError(f"rows must have M*k = {np.size(positions)} rows, got {np.shape(rows)[0]}")
-    rsf = float(routed_scaling_factor)
+    try:
+        rsf = float(routed_scaling_factor)
+    except (TypeError, ValueError):
+        raise TypeError(f"routed_scaling_factor must be a static real number, got {routed_scaling_factor!r}") from None
     if not np.isfinite(rsf):
         raise ValueError(f"routed_scaling_factor must be finite, got {rsf}")
     rows, positions, topk_weights = jnp.asarray(rows), jnp.asarray(positions), jnp.asarray(topk_weights)

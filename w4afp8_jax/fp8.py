@@ -8,18 +8,25 @@ import jax.numpy as jnp
 from ._validate import FP8_DTYPE, FP8_MAX, check_static_scale, require_floating
 
 
+def exact_divide(x: jax.Array, divisor) -> jax.Array:
+    """x / divisor, correctly rounded. XLA rewrites a division by a broadcast scalar or by a
+    constant into a multiply by the reciprocal (which rounds differently); an optimization
+    barrier on the broadcast divisor keeps the true division."""
+    return x / jax.lax.optimization_barrier(jnp.broadcast_to(jnp.asarray(divisor, x.dtype), jnp.shape(x)))
+
+
 def saturate_to_fp8(x_f32: jax.Array, scale: jax.Array) -> jax.Array:
     """q = saturate(x / scale) to [-448, 448], rounded to nearest even e4m3.
 
     The division (not a multiply by the reciprocal) is the definition the kernels reproduce.
     """
-    return jnp.clip(x_f32 / scale, -FP8_MAX, FP8_MAX).astype(FP8_DTYPE)
+    return jnp.clip(exact_divide(x_f32, scale), -FP8_MAX, FP8_MAX).astype(FP8_DTYPE)
 
 
 def dynamic_scale(x_f32: jax.Array) -> jax.Array:
     """amax(|x|) / 448 as an f32 scalar; an all-zero tensor gets scale 1."""
-    amax = jnp.max(jnp.abs(x_f32))
-    return jnp.where(amax > 0, amax / FP8_MAX, 1.0).astype(jnp.float32)
+    amax = jnp.max(jnp.abs(x_f32)).astype(jnp.float32)
+    return jnp.where(amax > 0, exact_divide(amax, FP8_MAX), 1.0).astype(jnp.float32)
 
 
 def quantize_fp8(x, scale=None) -> tuple[jax.Array, jax.Array]:

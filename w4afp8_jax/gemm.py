@@ -10,7 +10,7 @@ import numpy as np
 
 from . import _backend
 from ._validate import FP8_DTYPE, check_static_scale, require_dtype, require_integer, require_rank
-from .weights import W4Weights, unpack_int4
+from .weights import W4Weights, unpack_int4, untile_packed
 
 CUDA_GROUP_SIZE = 128
 CUDA_N_ALIGNMENT = 16  # output channels come in tiles of 16 weight rows
@@ -63,7 +63,10 @@ def grouped_gemm_reference(lhs: jax.Array, lhs_scale: jax.Array, rhs: W4Weights,
         tile_start = (pair_row // tile) * tile
         expert = experts[jnp.minimum(pair_row, padded)]
         x = jax.lax.dynamic_slice_in_dim(lhs_f32, tile_start, tile).reshape(tile, groups, gs)
-        w = unpack_int4(rhs.packed[jnp.minimum(expert, num_experts - 1)]).astype(jnp.float32)
+        packed = rhs.packed[jnp.minimum(expert, num_experts - 1)]
+        if rhs.layout == "tiled":
+            packed = untile_packed(packed)
+        w = unpack_int4(packed).astype(jnp.float32)
         partial = jnp.einsum("tgk,ngk->tng", x, w.reshape(n, groups, gs),
                              precision=jax.lax.Precision.HIGHEST)
         y = jnp.sum(partial * rhs.scales[jnp.minimum(expert, num_experts - 1)][None], axis=-1)
@@ -80,7 +83,8 @@ def _grouped_gemm_cuda(lhs, lhs_scale, rhs: W4Weights, group_offsets, config: in
     kernel choose from the static sizes."""
     out_type = jax.ShapeDtypeStruct((lhs.shape[0], rhs.out_features), jnp.bfloat16)
     return jax.ffi.ffi_call("w4afp8_grouped_gemm", out_type, vmap_method="sequential")(
-        lhs, jnp.reshape(lhs_scale, (1,)), rhs.packed, rhs.scales, group_offsets, config=np.int32(config))
+        lhs, jnp.reshape(lhs_scale, (1,)), rhs.packed, rhs.scales, group_offsets, config=np.int32(config),
+        tiled_layout=np.int32(rhs.layout == "tiled"))
 
 
 def check_grouped_gemm_args(lhs, rhs, group_offsets) -> None:

@@ -24,6 +24,9 @@ def deepseek_topk(logits, bias, *, top_k: int = 8, n_group: int = 8, topk_group:
     require_floating("logits", logits)
     require_rank("bias", bias, 1)
     require_floating("bias", bias)
+    for name, value in (("top_k", top_k), ("n_group", n_group), ("topk_group", topk_group)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"{name} must be a Python int, got {type(value).__name__}")
     num_experts = np.shape(logits)[1]
     if np.shape(bias)[0] != num_experts:
         raise ValueError(f"bias must have {num_experts} entries (one per expert), got {np.shape(bias)[0]}")

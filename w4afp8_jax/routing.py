@@ -80,6 +80,11 @@ def route(topk_ids, num_experts: int, *, implementation: str = "auto") -> Routin
     num_experts = require_num_experts(num_experts)
     if np.shape(topk_ids)[0] < 1 or np.shape(topk_ids)[1] < 1:
         raise ValueError(f"topk_ids must be non-empty, got shape {tuple(np.shape(topk_ids))}")
+    if not isinstance(topk_ids, jax.Array) and np.asarray(topk_ids).dtype.itemsize > 4:
+        # Without x64, JAX narrows 64-bit host ids to int32 (2**32 + 1 would become expert 1):
+        # mark the ids outside [0, E) as dropped on the host first.
+        ids = np.asarray(topk_ids)
+        topk_ids = np.where((ids >= 0) & (ids < num_experts), ids, num_experts).astype(np.int32)
     topk_ids = jnp.asarray(topk_ids)
     if _backend.resolve(implementation) == "cuda":
         return _route_cuda(topk_ids, num_experts)

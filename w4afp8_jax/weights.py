@@ -9,8 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._validate import MAX_EXPERTS
+from .fp8 import exact_divide
 
 INT4_MIN, INT4_MAX = -8, 7
+LAYOUTS = ("checkpoint", "tiled")
+TILE_ROWS, TILE_GROUP = 16, 128  # the tiled layout's unit: 16 rows x one 128-wide K group
 
 
 def pack_int4(values: jax.Array) -> jax.Array:
@@ -34,6 +37,30 @@ def unpack_int4(packed: jax.Array) -> jax.Array:
     return signed.reshape(*packed.shape[:-1], packed.shape[-1] * 2)
 
 
+def tile_packed(packed: jax.Array) -> jax.Array:
+    """Checkpoint order [..., N, K/2] -> the tiled order the CUDA kernels stream.
+
+    Each (16-row tile, 128-wide K group) becomes one contiguous 1 KiB block, tiles then groups
+    in order; inside a block, byte b of the 16-byte chunk t (K elements [32t, 32t+32) of the
+    group) of row 8h + g sits at h*512 + (4g + t)*16 + b: exactly what MMA lane 4g + t needs
+    for rows g and g + 8, so a warp reads each block as two fully coalesced 512-byte loads.
+    """
+    *lead, n, half_k = packed.shape
+    blocks = packed.reshape(*lead, n // TILE_ROWS, 2, 8, half_k // 64, 4, 16)
+    d = len(lead)
+    order = [*range(d), d, d + 3, d + 1, d + 2, d + 4, d + 5]
+    return jnp.transpose(blocks, order).reshape(*lead, n, half_k)
+
+
+def untile_packed(packed: jax.Array) -> jax.Array:
+    """Inverse of `tile_packed`."""
+    *lead, n, half_k = packed.shape
+    blocks = packed.reshape(*lead, n // TILE_ROWS, half_k // 64, 2, 8, 4, 16)
+    d = len(lead)
+    order = [*range(d), d, d + 2, d + 3, d + 1, d + 4, d + 5]
+    return jnp.transpose(blocks, order).reshape(*lead, n, half_k)
+
+
 def _is_array_like(x) -> bool:
     return hasattr(x, "shape") and hasattr(x, "dtype")
 
@@ -54,11 +81,14 @@ class W4Weights:
     packed: jax.Array
     scales: jax.Array
     group_size: int = dataclasses.field(default=128, metadata={"static": True})
+    layout: str = dataclasses.field(default="checkpoint", metadata={"static": True})
 
     def __post_init__(self):
         gs = self.group_size
         if isinstance(gs, bool) or not isinstance(gs, (int, np.integer)) or gs <= 0 or gs % 2:
             raise ValueError(f"group_size must be a positive even int, got {gs!r}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
         # Pytree transformations rebuild the class with placeholders as leaves; only check arrays.
         if not (_is_array_like(self.packed) and _is_array_like(self.scales)):
             return
@@ -85,6 +115,9 @@ class W4Weights:
                 f"and group_size {gs}, got {tuple(scales.shape)}")
         if not 1 <= e <= MAX_EXPERTS:
             raise ValueError(f"packed: number of experts must be in [1, {MAX_EXPERTS}], got {e}")
+        if self.layout == "tiled" and (n % TILE_ROWS or gs != TILE_GROUP):
+            raise ValueError(f"the tiled layout needs N % {TILE_ROWS} == 0 and group_size {TILE_GROUP}, "
+                             f"got N = {n}, group_size = {gs}")
         object.__setattr__(self, "packed", packed)
         object.__setattr__(self, "scales", scales)
 
@@ -100,9 +133,21 @@ class W4Weights:
     def in_features(self) -> int:
         return 2 * self.packed.shape[2]
 
+    def checkpoint_packed(self) -> jax.Array:
+        """packed in checkpoint order (two int4 per byte, K contiguous per row)."""
+        return untile_packed(self.packed) if self.layout == "tiled" else self.packed
+
+    def prepare(self) -> "W4Weights":
+        """The same weights in the tiled layout the CUDA kernels read fastest (one transpose,
+        done once; the math, `dequantize()` included, is unchanged). Needs N % 16 == 0 and
+        group_size 128."""
+        if self.layout == "tiled":
+            return self
+        return W4Weights(tile_packed(self.packed), self.scales, self.group_size, "tiled")
+
     def int4_values(self) -> jax.Array:
         """int8 [E, N, K] holding the int4 values."""
-        return unpack_int4(self.packed)
+        return unpack_int4(self.checkpoint_packed())
 
     def dequantize(self) -> jax.Array:
         """float32 [E, N, K]: int4 value times its group's scale."""
@@ -112,7 +157,7 @@ class W4Weights:
         return (grouped * self.scales[..., None]).reshape(e, n, k)
 
 
-jax.tree_util.register_dataclass(W4Weights, data_fields=["packed", "scales"], meta_fields=["group_size"])
+jax.tree_util.register_dataclass(W4Weights, data_fields=["packed", "scales"], meta_fields=["group_size", "layout"])
 
 
 def quantize_weights(w, group_size: int = 128) -> W4Weights:
@@ -135,6 +180,6 @@ def quantize_weights(w, group_size: int = 128) -> W4Weights:
         raise ValueError(f"w: K = {k} must be a multiple of group_size = {group_size}")
     grouped = w.astype(jnp.float32).reshape(e, n, k // group_size, group_size)
     amax = jnp.max(jnp.abs(grouped), axis=-1)
-    scales = jnp.where(amax > 0, amax / INT4_MAX, 1.0).astype(jnp.float32)
+    scales = jnp.where(amax > 0, exact_divide(amax, INT4_MAX), 1.0).astype(jnp.float32)
     q = jnp.clip(jnp.round(grouped / scales[..., None]), INT4_MIN, INT4_MAX).astype(jnp.int8)
     return W4Weights(pack_int4(q.reshape(e, n, k)), scales, group_size)

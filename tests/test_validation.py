@@ -1,0 +1,316 @@
+"""Every bad input is rejected before any computation, with an error naming the argument."""
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+import w4afp8_jax as w4
+
+E, H, I, M, K = 4, 256, 128, 3, 2
+BAD_SCALES = [0.0, -1.0, float("nan"), float("inf"), -float("inf"), 1e-50, 1e39, [1.0, 2.0], np.ones((2, 2)), "0.5",
+              True]
+
+
+@pytest.fixture
+def problem(rng):
+    x = jnp.asarray(rng.standard_normal((M, H)), jnp.bfloat16)
+    ids = jnp.asarray(rng.integers(0, E, size=(M, K)), jnp.int32)
+    weights = jnp.asarray(rng.random((M, K)), jnp.float32)
+    w13 = w4.W4Weights(jnp.asarray(rng.integers(0, 256, (E, 2 * I, H // 2), dtype=np.uint8)),
+                       jnp.asarray(rng.standard_normal((E, 2 * I, H // 128)) * 0.005, jnp.float32))
+    w2 = w4.W4Weights(jnp.asarray(rng.integers(0, 256, (E, H, I // 2), dtype=np.uint8)),
+                      jnp.asarray(rng.standard_normal((E, H, I // 128)) * 0.005, jnp.float32))
+    return dict(x=x, topk_ids=ids, topk_weights=weights, w13=w13, w2=w2)
+
+
+def weights(rng, e, n, k, gs=128):
+    return w4.W4Weights(jnp.asarray(rng.integers(0, 256, (e, n, k // 2), dtype=np.uint8)),
+                        jnp.asarray(rng.standard_normal((e, n, k // gs)), jnp.float32), gs)
+
+
+def call_moe(p, **kw):
+    args = {**p, **kw}
+    extra = {k: args.pop(k) for k in list(args) if k not in ("x", "topk_ids", "topk_weights", "w13", "w2")}
+    return w4.moe(args["x"], args["topk_ids"], args["topk_weights"], args["w13"], args["w2"],
+                  implementation=extra.pop("implementation", "reference"), **extra)
+
+
+def test_valid_problem_runs(problem):
+    out = call_moe(problem)  # the baseline the bad cases below perturb
+    assert out.shape == (M, H) and out.dtype == jnp.bfloat16
+
+
+# ------------------------------------------------------------------------------------------
+# moe
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name,bad,exc", [
+    ("x", lambda p, r: p["x"][0], ValueError),                                     # rank 1
+    ("x", lambda p, r: p["x"][None], ValueError),                                  # rank 3
+    ("x", lambda p, r: jnp.ones((M, H), jnp.int32), TypeError),                    # not floating
+    ("x", lambda p, r: jnp.ones((M, H), bool), TypeError),
+    ("topk_ids", lambda p, r: p["topk_ids"].astype(jnp.float32), TypeError),       # not integer
+    ("topk_ids", lambda p, r: p["topk_ids"][0], ValueError),                       # rank 1
+    ("topk_ids", lambda p, r: p["topk_ids"][:2], ValueError),                      # rows != M
+    ("topk_weights", lambda p, r: p["topk_weights"].astype(jnp.int32), TypeError),
+    ("topk_weights", lambda p, r: p["topk_weights"][0], ValueError),
+    ("topk_weights", lambda p, r: p["topk_weights"][:, :1], ValueError),           # shape != topk_ids
+    ("w13", lambda p, r: p["w13"].dequantize(), TypeError),                        # not a W4Weights
+    ("w2", lambda p, r: (p["w2"].packed, p["w2"].scales), TypeError),
+])
+def test_moe_bad_arrays(rng, problem, name, bad, exc):
+    with pytest.raises(exc, match=name):
+        call_moe(problem, **{name: bad(problem, rng)})
+
+
+def test_moe_empty_topk(problem):
+    with pytest.raises(ValueError, match="topk_ids"):
+        call_moe(problem, topk_ids=jnp.zeros((M, 0), jnp.int32), topk_weights=jnp.zeros((M, 0), jnp.float32))
+
+
+def test_moe_mismatched_shapes(rng, problem):
+    with pytest.raises(ValueError, match="w2"):  # E differs
+        call_moe(problem, w2=weights(rng, E + 1, H, I))
+    with pytest.raises(ValueError, match="w13"):  # H of x differs from w13's K
+        call_moe(problem, x=jnp.ones((M, H + 128), jnp.bfloat16))
+    with pytest.raises(ValueError, match="w13"):  # odd number of w13 rows (gate + up)
+        call_moe(problem, w13=weights(rng, E, 2 * I + 1, H))
+    with pytest.raises(ValueError, match="w2"):  # I of w2 differs from w13's
+        call_moe(problem, w2=weights(rng, E, H, 2 * I))
+    with pytest.raises(ValueError, match="w2"):  # w2 output features differ from H
+        call_moe(problem, w2=weights(rng, E, H + 16, I))
+
+
+@pytest.mark.parametrize("arg", ["a1_scale", "a2_scale"])
+@pytest.mark.parametrize("value", BAD_SCALES)
+def test_moe_bad_static_scales(problem, arg, value):
+    with pytest.raises((ValueError, TypeError), match=arg):
+        call_moe(problem, **{arg: value})
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), "abc", None, [1.0, 2.0]])
+def test_moe_bad_routed_scaling_factor(problem, value):
+    with pytest.raises((ValueError, TypeError), match="routed_scaling_factor"):
+        call_moe(problem, routed_scaling_factor=value)
+
+
+# ------------------------------------------------------------------------------------------
+# implementation
+# ------------------------------------------------------------------------------------------
+def step_calls(p):
+    r = w4.route(p["topk_ids"], E, implementation="reference")
+    q1, s1 = w4.gather_quantize(p["x"], r.positions, implementation="reference")
+    c1 = w4.grouped_gemm(q1, s1, p["w13"], r.group_offsets, implementation="reference")
+    rows = jnp.ones((M * K, H), jnp.bfloat16)
+    return {
+        "route": lambda impl: w4.route(p["topk_ids"], E, implementation=impl),
+        "gather_quantize": lambda impl: w4.gather_quantize(p["x"], r.positions, implementation=impl),
+        "grouped_gemm": lambda impl: w4.grouped_gemm(q1, s1, p["w13"], r.group_offsets, implementation=impl),
+        "silu_mul_quantize": lambda impl: w4.silu_mul_quantize(c1, r.group_offsets, implementation=impl),
+        "combine": lambda impl: w4.combine(rows, r.positions, p["topk_weights"], 2.5, implementation=impl),
+        "moe": lambda impl: call_moe(p, implementation=impl),
+    }
+
+
+@pytest.mark.parametrize("op", ["route", "gather_quantize", "grouped_gemm", "silu_mul_quantize", "combine", "moe"])
+def test_implementation_names(problem, op):
+    call = step_calls(problem)[op]
+    for bad in ("gpu", "CUDA", "", None, "triton"):
+        with pytest.raises(ValueError, match="implementation"):
+            call(bad)
+    assert call("auto") is not None and call("reference") is not None
+
+
+@pytest.mark.skipif(w4.cuda_unavailable_reason() is None, reason="the CUDA path is available here")
+@pytest.mark.parametrize("op", ["route", "gather_quantize", "grouped_gemm", "silu_mul_quantize", "combine", "moe"])
+def test_cuda_unavailable_says_why(problem, op):
+    reason = w4.cuda_unavailable_reason()
+    assert isinstance(reason, str) and reason
+    with pytest.raises(RuntimeError, match='implementation="cuda" is not available') as info:
+        step_calls(problem)[op]("cuda")
+    assert reason in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------
+# route
+# ------------------------------------------------------------------------------------------
+def test_route_bad_inputs(rng):
+    ids = jnp.asarray(rng.integers(0, 8, size=(5, 2)), jnp.int32)
+    with pytest.raises(TypeError, match="topk_ids"):
+        w4.route(ids.astype(jnp.float32), 8)
+    with pytest.raises(ValueError, match="topk_ids"):
+        w4.route(ids[0], 8)
+    with pytest.raises(ValueError, match="topk_ids"):
+        w4.route(ids[:, :, None], 8)
+    with pytest.raises(ValueError, match="topk_ids"):
+        w4.route(ids[:0], 8)
+    for n in (0, -1, 1025, 10**6):
+        with pytest.raises(ValueError, match="num_experts"):
+            w4.route(ids, n)
+    for n in (8.0, True, "8", None, np.float32(8)):
+        with pytest.raises(TypeError, match="num_experts"):
+            w4.route(ids, n)
+    # the bounds themselves are fine
+    assert w4.route(ids, 1, implementation="reference").group_offsets.shape == (2,)
+    assert w4.route(ids, 1024, implementation="reference").group_offsets.shape == (1025,)
+
+
+# ------------------------------------------------------------------------------------------
+# quantize_fp8 / gather_quantize / silu_mul_quantize / combine
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("value", BAD_SCALES)
+def test_quantize_fp8_bad_scale(rng, value):
+    x = jnp.asarray(rng.standard_normal((4, 8)), jnp.float32)
+    with pytest.raises((ValueError, TypeError), match="scale"):
+        w4.quantize_fp8(x, value)
+
+
+def test_quantize_fp8_bad_x(rng):
+    with pytest.raises(TypeError, match="x"):
+        w4.quantize_fp8(jnp.asarray(rng.integers(-5, 5, size=(4, 8)), jnp.int32))
+
+
+def test_gather_quantize_bad_inputs(rng, problem):
+    r = w4.route(problem["topk_ids"], E, implementation="reference")
+    x, pos = problem["x"], r.positions
+    for bad, exc in ((x[0], ValueError), (x.astype(jnp.int32), TypeError)):
+        with pytest.raises(exc, match="x"):
+            w4.gather_quantize(bad, pos, implementation="reference")
+    for bad, exc in ((pos.astype(jnp.float32), TypeError), (pos[0], ValueError), (pos[:1], ValueError)):
+        with pytest.raises(exc, match="positions"):
+            w4.gather_quantize(x, bad, implementation="reference")
+    for value in BAD_SCALES:
+        with pytest.raises((ValueError, TypeError), match="scale"):
+            w4.gather_quantize(x, pos, value, implementation="reference")
+
+
+def test_silu_mul_quantize_bad_inputs(rng):
+    c1 = jnp.asarray(rng.standard_normal((6, 8)), jnp.bfloat16)
+    off = jnp.asarray([0, 2, 5], jnp.int32)
+    for bad, exc in ((c1.astype(jnp.float32), TypeError), (c1[0], ValueError), (c1[:, :7], ValueError)):
+        with pytest.raises(exc, match="c1"):
+            w4.silu_mul_quantize(bad, off, implementation="reference")
+    for bad, exc in ((off.astype(jnp.float32), TypeError), (off[None], ValueError)):
+        with pytest.raises(exc, match="group_offsets"):
+            w4.silu_mul_quantize(c1, bad, implementation="reference")
+    for value in BAD_SCALES:
+        with pytest.raises((ValueError, TypeError), match="scale"):
+            w4.silu_mul_quantize(c1, off, value, implementation="reference")
+
+
+def test_combine_bad_inputs(rng, problem):
+    r = w4.route(problem["topk_ids"], E, implementation="reference")
+    pos, tw = r.positions, problem["topk_weights"]
+    rows = jnp.asarray(rng.standard_normal((M * K, H)), jnp.bfloat16)
+    for bad, exc in ((rows.astype(jnp.float32), TypeError), (rows[0], ValueError), (rows[:-1], ValueError)):
+        with pytest.raises(exc, match="rows"):
+            w4.combine(bad, pos, tw, implementation="reference")
+    for bad, exc in ((tw.astype(jnp.int32), TypeError), (tw[0], ValueError), (tw[:, :1], ValueError)):
+        with pytest.raises(exc, match="topk_weights"):
+            w4.combine(rows, pos, bad, implementation="reference")
+    for bad, exc in ((pos.astype(jnp.float32), TypeError), (pos[0], ValueError)):
+        with pytest.raises(exc, match="positions"):
+            w4.combine(rows, bad, tw, implementation="reference")
+    for value in (float("nan"), float("inf"), "x"):
+        with pytest.raises((ValueError, TypeError), match="routed_scaling_factor"):
+            w4.combine(rows, pos, tw, value, implementation="reference")
+
+
+# ------------------------------------------------------------------------------------------
+# grouped_gemm
+# ------------------------------------------------------------------------------------------
+def test_grouped_gemm_bad_inputs(rng):
+    w = weights(rng, E, 16, 256)
+    lhs = jnp.asarray(rng.standard_normal((10, 256)), jnp.float8_e4m3fn)
+    off = jnp.asarray([0, 3, 3, 7, 9], jnp.int32)
+    for bad, exc in ((lhs[0], ValueError), (lhs[None], ValueError), (lhs.astype(jnp.bfloat16), TypeError),
+                     (lhs.astype(jnp.float8_e5m2), TypeError), (lhs[:, :128], ValueError)):
+        with pytest.raises(exc, match="lhs"):
+            w4.grouped_gemm(bad, 0.1, w, off, implementation="reference")
+    for bad in (w.dequantize(), (w.packed, w.scales), None):
+        with pytest.raises(TypeError, match="rhs"):
+            w4.grouped_gemm(lhs, 0.1, bad, off, implementation="reference")
+    for bad, exc in ((off.astype(jnp.float32), TypeError), (off[None], ValueError), (off[:-1], ValueError),
+                     (jnp.concatenate([off, off[-1:]]), ValueError)):
+        with pytest.raises(exc, match="group_offsets"):
+            w4.grouped_gemm(lhs, 0.1, w, bad, implementation="reference")
+    for value in [None] + BAD_SCALES:
+        with pytest.raises((ValueError, TypeError), match="lhs_scale"):
+            w4.grouped_gemm(lhs, value, w, off, implementation="reference")
+
+
+# ------------------------------------------------------------------------------------------
+# W4Weights / quantize_weights / pack_int4
+# ------------------------------------------------------------------------------------------
+def test_w4weights_bad_inputs(rng):
+    packed = jnp.asarray(rng.integers(0, 256, (E, 8, 128), dtype=np.uint8))  # K = 256
+    scales = jnp.asarray(rng.standard_normal((E, 8, 2)), jnp.float32)
+    assert w4.W4Weights(packed, scales).in_features == 256
+    for bad, exc in ((packed[0], ValueError), (packed[None], ValueError), (packed.astype(jnp.int32), TypeError),
+                     (packed.astype(jnp.float32), TypeError), (packed.astype(jnp.uint16), TypeError)):
+        with pytest.raises(exc, match="packed"):
+            w4.W4Weights(bad, scales)
+    for bad, exc in ((scales[0], ValueError), (scales.astype(jnp.int32), TypeError), (scales[..., :1], ValueError),
+                     (scales[:, :4], ValueError), (scales[:2], ValueError)):
+        with pytest.raises(exc, match="scales"):
+            w4.W4Weights(packed, bad)
+    # K not a multiple of group_size (K = 192 with 128; K = 256 with 96), and K = 0.
+    with pytest.raises(ValueError, match="packed: K = 192"):
+        w4.W4Weights(packed[..., :96], scales[..., :1])
+    with pytest.raises(ValueError, match="group_size"):
+        w4.W4Weights(packed, scales, 96)
+    with pytest.raises(ValueError, match="packed"):
+        w4.W4Weights(packed[..., :0], scales[..., :0])
+    for gs in (0, -128, 3, 127, 128.0, True, "128", None):
+        with pytest.raises(ValueError, match="group_size"):
+            w4.W4Weights(packed, scales, gs)
+    # number of experts outside [1, 1024]
+    with pytest.raises(ValueError, match="packed"):
+        w4.W4Weights(jnp.zeros((1025, 1, 1), jnp.uint8) + 17, jnp.ones((1025, 1, 1), jnp.float32))
+    with pytest.raises(ValueError, match="packed"):
+        w4.W4Weights(packed[:0], scales[:0])
+    assert w4.W4Weights(jnp.zeros((1024, 1, 1), jnp.uint8) + 17, jnp.ones((1024, 1, 1)), 2).num_experts == 1024
+
+
+def test_quantize_weights_and_pack_bad_inputs(rng):
+    w = rng.standard_normal((2, 4, 256)).astype(np.float32)
+    for bad, exc in ((w[0], ValueError), (w[None], ValueError), (w.astype(np.int32), TypeError)):
+        with pytest.raises(exc, match="w"):
+            w4.quantize_weights(bad)
+    with pytest.raises(ValueError, match="K = 192"):  # not a multiple of group_size
+        w4.quantize_weights(w[..., :192])
+    with pytest.raises(ValueError, match="K = 129"):  # odd K: can never pack two per byte
+        w4.quantize_weights(w[..., :129], 128)
+    with pytest.raises(ValueError, match="K = 7"):
+        w4.quantize_weights(w[..., :7], 2)
+    for gs in (0, 3, 128.0, True):
+        with pytest.raises(ValueError, match="group_size"):
+            w4.quantize_weights(w, gs)
+    with pytest.raises(ValueError, match="values"):
+        w4.pack_int4(jnp.asarray(rng.integers(-8, 8, size=(3, 5)), jnp.int8))
+
+
+# ------------------------------------------------------------------------------------------
+# deepseek_topk
+# ------------------------------------------------------------------------------------------
+def test_deepseek_topk_bad_inputs(rng):
+    logits = jnp.asarray(rng.standard_normal((3, 64)), jnp.float32)
+    bias = jnp.asarray(rng.standard_normal(64) * 0.01, jnp.float32)
+    call = lambda lg=logits, b=bias, **kw: w4.deepseek_topk(lg, b, **{**dict(top_k=4, n_group=8, topk_group=2), **kw})  # noqa: E731
+    assert call()[1].shape == (3, 4)
+    for bad, exc in ((logits[0], ValueError), (logits.astype(jnp.int32), TypeError),
+                     (jnp.asarray(logits, ml_dtypes.bfloat16)[None], ValueError)):
+        with pytest.raises(exc, match="logits"):
+            call(lg=bad)
+    for bad, exc in ((bias[None], ValueError), (bias.astype(jnp.int32), TypeError), (bias[:32], ValueError)):
+        with pytest.raises(exc, match="bias"):
+            call(b=bad)
+    for kw, name in ((dict(n_group=0), "n_group"), (dict(n_group=7), "n_group"), (dict(n_group=64, topk_group=2), "2 experts"),
+                     (dict(topk_group=0), "topk_group"), (dict(topk_group=9), "topk_group"),
+                     (dict(top_k=0), "top_k"), (dict(top_k=17), "top_k")):
+        with pytest.raises(ValueError, match=name):
+            call(**kw)
+    for kw, name in ((dict(top_k=4.0), "top_k"), (dict(n_group=8.0), "n_group"), (dict(topk_group=2.0), "topk_group"),
+                     (dict(top_k=True), "top_k"), (dict(top_k="4"), "top_k")):
+        with pytest.raises(TypeError, match=name):
+            call(**kw)

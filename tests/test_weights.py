@@ -1,0 +1,173 @@
+"""int4 packing, W4Weights (checkpoint formats, dequantize, pytree) and quantize_weights."""
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+import numpy_model as ref
+import w4afp8_jax as w4
+
+
+def random_weights(rng, e, n, k, group_size=128, scale_dtype=np.float32):
+    packed = rng.integers(0, 256, size=(e, n, k // 2), dtype=np.uint8)
+    scales = (rng.standard_normal((e, n, k // group_size)) * 0.005).astype(scale_dtype)
+    return packed, scales
+
+
+# ------------------------------------------------------------------------------------------
+# pack_int4 / unpack_int4
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(2,), (3, 8), (2, 5, 256), (1, 1, 7168)])
+def test_pack_unpack_roundtrip(rng, shape):
+    values = rng.integers(-8, 8, size=shape).astype(np.int8)
+    packed = w4.pack_int4(jnp.asarray(values))
+    assert packed.dtype == jnp.uint8 and packed.shape == (*shape[:-1], shape[-1] // 2)
+    np.testing.assert_array_equal(np.asarray(packed), ref.pack_int4(values))  # same bytes as the spec's rule
+    unpacked = w4.unpack_int4(packed)
+    assert unpacked.dtype == jnp.int8
+    np.testing.assert_array_equal(np.asarray(unpacked), values)
+    np.testing.assert_array_equal(ref.unpack_int4(np.asarray(packed)), values)
+
+
+def test_nibble_order_all_pairs(rng):
+    # Every (element 2i, element 2i+1) pair of int4 values, in random order: the byte must be
+    # (hi & 0xF) << 4 | (lo & 0xF), i.e. element 2i in the low nibble.
+    lo, hi = np.meshgrid(np.arange(-8, 8), np.arange(-8, 8), indexing="ij")
+    pairs = np.stack([lo.ravel(), hi.ravel()], axis=1)[rng.permutation(256)]
+    values = pairs.reshape(-1).astype(np.int8)
+    expected = ((pairs[:, 1] & 0xF) << 4 | (pairs[:, 0] & 0xF)).astype(np.uint8)
+    packed = np.asarray(w4.pack_int4(jnp.asarray(values)))
+    np.testing.assert_array_equal(packed, expected)
+    assert sorted(packed.tolist()) == list(range(256))  # all 256 bytes, i.e. all 16 nibbles in both halves
+    np.testing.assert_array_equal(np.asarray(w4.unpack_int4(jnp.asarray(expected))), values)
+
+
+def test_unpack_every_byte_and_int8_input(rng):
+    # Spec: nibble n in [0, 16) means n if n < 8 else n - 16; a checkpoint's int8 bytes are the same bits.
+    b = rng.permutation(256).astype(np.uint8)
+    lo, hi = (b & 0xF).astype(int), (b >> 4).astype(int)
+    signed = lambda n: np.where(n >= 8, n - 16, n)  # noqa: E731
+    expected = np.stack([signed(lo), signed(hi)], axis=1).reshape(-1)
+    np.testing.assert_array_equal(np.asarray(w4.unpack_int4(jnp.asarray(b))), expected)
+    np.testing.assert_array_equal(np.asarray(w4.unpack_int4(jnp.asarray(b.view(np.int8)))), expected)
+    np.testing.assert_array_equal(ref.unpack_int4(b), expected)
+
+
+# ------------------------------------------------------------------------------------------
+# W4Weights
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("e,n,k,gs", [(1, 4, 128, 128), (3, 16, 512, 128), (8, 5, 64, 32), (2, 3, 12, 2)])
+def test_dequantize_matches_model(rng, e, n, k, gs):
+    packed, scales = random_weights(rng, e, n, k, gs)
+    w = w4.W4Weights(jnp.asarray(packed), jnp.asarray(scales), gs)
+    assert (w.num_experts, w.out_features, w.in_features, w.group_size) == (e, n, k, gs)
+    np.testing.assert_array_equal(np.asarray(w.int4_values()), ref.unpack_int4(packed))
+    deq = np.asarray(w.dequantize())
+    assert deq.dtype == np.float32 and deq.shape == (e, n, k)
+    # int4 (4 bits) * f32 scale (24 bits) needs 27 bits: one f32 rounding, <= 2^-24 relative.
+    np.testing.assert_allclose(deq, ref.dequantize(packed, scales, gs), rtol=2**-24, atol=0)
+
+
+def test_int8_checkpoint_packing_bit_for_bit(rng):
+    packed, scales = random_weights(rng, 4, 8, 256)
+    w = w4.W4Weights(jnp.asarray(packed.view(np.int8)), jnp.asarray(scales))
+    assert w.packed.dtype == jnp.uint8
+    np.testing.assert_array_equal(np.asarray(w.packed), packed)
+    np.testing.assert_allclose(np.asarray(w.dequantize()), ref.dequantize(packed, scales, 128), rtol=2**-24, atol=0)
+    # numpy int8 (not yet a JAX array) is accepted the same way
+    w_np = w4.W4Weights(packed.view(np.int8), scales)
+    np.testing.assert_array_equal(np.asarray(w_np.packed), packed)
+
+
+@pytest.mark.parametrize("dtype", [ml_dtypes.bfloat16, np.float16])
+def test_low_precision_scales_widen_exactly(rng, dtype):
+    packed, scales = random_weights(rng, 3, 4, 256, scale_dtype=dtype)
+    w = w4.W4Weights(jnp.asarray(packed), jnp.asarray(scales))
+    assert w.scales.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(w.scales), scales.astype(np.float32))  # widening is exact
+    # 16-bit scale (<= 11 significant bits) * int4 (<= 4 bits) is exact in f32.
+    np.testing.assert_array_equal(np.asarray(w.dequantize()), ref.dequantize(packed, scales.astype(np.float32), 128))
+
+
+# ------------------------------------------------------------------------------------------
+# pytree behaviour
+# ------------------------------------------------------------------------------------------
+def test_pytree_flatten_unflatten(rng):
+    packed, scales = random_weights(rng, 2, 4, 256, 64)
+    w = w4.W4Weights(jnp.asarray(packed), jnp.asarray(scales), 64)
+    leaves, treedef = jax.tree_util.tree_flatten(w)
+    assert len(leaves) == 2
+    np.testing.assert_array_equal(np.asarray(leaves[0]), packed)
+    np.testing.assert_array_equal(np.asarray(leaves[1]), scales)
+    back = jax.tree_util.tree_unflatten(treedef, leaves)
+    assert isinstance(back, w4.W4Weights) and back.group_size == 64
+    np.testing.assert_array_equal(np.asarray(back.packed), packed)
+    # group_size is static metadata: it lives in the treedef, not among the leaves
+    other = w4.W4Weights(jnp.asarray(packed), jnp.asarray(scales[..., :2]), 128)
+    assert jax.tree_util.tree_structure(other) != treedef
+    doubled = jax.tree_util.tree_map(lambda a: a * 1, w)
+    assert isinstance(doubled, w4.W4Weights) and doubled.group_size == 64
+
+
+def test_pytree_through_jit(rng):
+    packed, scales = random_weights(rng, 3, 8, 256, 128)
+    traces = []
+
+    @jax.jit
+    def f(w):
+        traces.append(w.group_size)
+        assert isinstance(w.group_size, int)  # static, not traced
+        return w.dequantize(), w
+
+    for gs in (128, 64):
+        s = scales if gs == 128 else np.repeat(scales, 2, axis=-1)
+        w = w4.W4Weights(jnp.asarray(packed), jnp.asarray(s), gs)
+        deq, w_out = f(w)
+        np.testing.assert_allclose(np.asarray(deq), ref.dequantize(packed, s, gs), rtol=2**-24, atol=0)
+        assert isinstance(w_out, w4.W4Weights) and w_out.group_size == gs
+        np.testing.assert_array_equal(np.asarray(w_out.packed), packed)
+        f(w)  # same structure: no retrace
+    assert traces == [128, 64]
+
+
+# ------------------------------------------------------------------------------------------
+# quantize_weights
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("e,n,k,gs", [(2, 8, 256, 128), (3, 5, 96, 32), (1, 1, 128, 128)])
+def test_quantize_weights_rule_and_error_bound(rng, e, n, k, gs):
+    # Groups with very different magnitudes so the per-group scale matters.
+    mags = np.exp(rng.uniform(-6, 2, size=(e, n, k // gs, 1)))
+    w = (rng.standard_normal((e, n, k // gs, gs)) * mags).astype(np.float32)
+    wq = w4.quantize_weights(jnp.asarray(w.reshape(e, n, k)), gs)
+    assert isinstance(wq, w4.W4Weights) and wq.group_size == gs
+    scales = np.asarray(wq.scales)
+    q = ref.unpack_int4(np.asarray(wq.packed)).reshape(e, n, k // gs, gs)
+
+    # Scale rule: amax / 7 in f32.
+    amax = np.abs(w).max(axis=-1)
+    np.testing.assert_array_equal(scales, (amax / np.float32(7)).astype(np.float32))
+    # q = round-half-even(w / scale) in f32; nothing clips, the largest element maps to +-7.
+    np.testing.assert_array_equal(q, np.round(w / scales[..., None]).astype(np.int8))
+    assert q.min() >= -7 and q.max() <= 7
+    arg = np.abs(w).argmax(axis=-1)[..., None]
+    np.testing.assert_array_equal(np.take_along_axis(q, arg, -1), 7 * np.sign(np.take_along_axis(w, arg, -1)))
+    # |w - q*scale| <= scale/2 exactly in real arithmetic; the f32 division w/scale can move the
+    # quotient by 2^-24 relative (|w/scale| <= 7), hence a 2^-20 * scale slack.
+    deq = ref.dequantize(np.asarray(wq.packed), scales, gs).reshape(w.shape)
+    err = np.abs(w.astype(np.float64) - deq)
+    assert np.all(err <= scales[..., None].astype(np.float64) * (0.5 + 2**-20))
+    np.testing.assert_allclose(np.asarray(wq.dequantize()).reshape(w.shape), deq, rtol=2**-24, atol=0)
+
+
+def test_quantize_weights_zero_group_and_bf16_input(rng):
+    w = rng.standard_normal((2, 3, 256)).astype(ml_dtypes.bfloat16)
+    w[1, 2, 128:] = 0  # one all-zero group: documented scale 1, q = 0
+    wq = w4.quantize_weights(jnp.asarray(w), 128)
+    scales = np.asarray(wq.scales)
+    assert scales[1, 2, 1] == 1.0
+    q = np.asarray(wq.int4_values())
+    assert np.all(q[1, 2, 128:] == 0)
+    w32 = w.astype(np.float32).reshape(2, 3, 2, 128)
+    np.testing.assert_array_equal(scales[scales != 1.0], (np.abs(w32).max(-1) / np.float32(7))[scales != 1.0])
