@@ -586,6 +586,8 @@ constexpr KernelConfig kConfigs[] = {
     StreamEntry<StreamConfig<2, 1, 6>>(),  // 10: 32 rows x 8 tokens
     StreamEntry<StreamConfig<1, 2, 6>>(),  // 11: 16 rows x 16 tokens
     StreamEntry<StreamConfig<2, 2, 4>>(),  // 12: 32 rows x 16 tokens
+    Entry<TileConfig<1, 1, 1, 8, 3>>(),    // 13: decode, long K: 16 rows x 8 tokens, 8-way split K
+    Entry<TileConfig<1, 1, 1, 4, 6>>(),    // 14: as 1 with 6 register stages
 };
 constexpr int kNumConfigs = sizeof(kConfigs) / sizeof(kConfigs[0]);
 
@@ -593,10 +595,14 @@ constexpr int kNumConfigs = sizeof(kConfigs) / sizeof(kConfigs[0]);
 
 int GroupedGemmNumConfigs() { return kNumConfigs; }
 
+// Picked from kernel-time sweeps on an H100 (docs/performance.md) by the mean rows per expert,
+// a static quantity: the routing itself is never read on the host.
 int GroupedGemmDefaultConfig(int64_t rows, int64_t n, int64_t k, int64_t experts) {
-  const int64_t rows_per_expert = rows / experts;
-  if (rows_per_expert <= 8) return k >= 2048 ? 0 : 2;
-  if (rows_per_expert <= 32) return 4;
+  const double rows_per_expert = static_cast<double>(rows) / static_cast<double>(experts);
+  const bool long_k = k >= 2048;
+  if (rows_per_expert < (long_k ? 0.1 : 1.0)) return long_k ? 1 : 3;  // a handful of experts: split K
+  if (rows_per_expert <= 8) return 10;                                  // streaming, 32 rows x 8 tokens
+  if (rows_per_expert <= 32) return 12;
   return 6;
 }
 
