@@ -181,8 +181,14 @@ def main() -> None:
     print(f"relative error vs the unquantized bf16 layer: {relative_error(out, reference):.4f} "
           "(int4 weights, fp8 activations, bf16 output)")
     if impl == "cuda":
-        ref_path = jax.jit(lambda *a: layer(*a, implementation="reference"))(x, logits, bias, w13, w2)
-        print(f"relative error vs the reference path (same quantized math): {relative_error(out, ref_path):.2e}")
+        # The reference path defines the numerics on the CPU (XLA's fused f32 division and exp
+        # on the GPU are not correctly rounded, which moves some fp8 codes); with static scales
+        # tokens are independent, so a few tokens suffice.
+        few = min(batch, 4)
+        args = jax.device_put((x[:few], logits[:few], bias, w13, w2), jax.devices("cpu")[0])
+        ref_path = jax.jit(lambda *a: layer(*a, implementation="reference"))(*args)
+        print(f"relative error vs the reference path on the CPU (same quantized math, first {few} tokens): "
+              f"{relative_error(out[:few], jax.device_put(ref_path, out.devices().pop())):.2e}")
 
     times = []
     for _ in range(repeats):

@@ -9,6 +9,13 @@ import w4afp8_jax
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
+@pytest.fixture(autouse=True)
+def _cuda_targets_registered(request):
+    """GPU tests may call private FFI wrappers directly: register the targets first."""
+    if "gpu" in request.keywords and w4afp8_jax.cuda_unavailable_reason() is None:
+        w4afp8_jax._backend.resolve("cuda")
+
+
 def pytest_collection_modifyitems(config, items):
     reason = w4afp8_jax.cuda_unavailable_reason()
     if reason is None:

@@ -1,10 +1,11 @@
 """The whole layer on the CUDA path against the reference path (steps 1-6 chained).
 
 Bound: every step agrees with the reference exactly (integers, fp8 gather) or to one bf16/fp8
-rounding flip (GEMMs: f32 summation order; SiLU: expf vs XLA's exp). A flipped c1 value can
-move one fp8 code of h, which moves GEMM2 outputs by about one fp8 ulp (2^-3 relative) times
-one term of a 512-long sum, so the layer output agrees to ~1e-3 in norm; 1e-2 leaves margin
-while still failing on any wrong row, expert, scale or slot (those give O(1) errors).
+rounding flip (GEMMs: f32 summation order; SiLU: expf vs XLA's exp). Flips are rare (measured
+on the H100 at E=256, M=1: 2.4e-4 of c1 values, none in q2; layer output 5.7e-6 relative),
+but one flipped c1 can move one fp8 code of h (2^-3 relative), and each such code moves the
+output by up to ~2e-3 in norm at M = 1; 5e-3 allows a couple and still fails on any wrong row, expert, scale or
+slot (those give O(1) errors).
 """
 
 import os
@@ -42,11 +43,18 @@ def routing(rng, m, k, e, kind):
     return jnp.asarray(ids.astype(np.int32)), jnp.asarray(weights / weights.sum(1, keepdims=True))
 
 
+def reference_on_cpu(fn, *args):
+    """The reference path defines the numerics on the CPU: XLA's fused f32 division and exp on
+    the GPU are not correctly rounded, and fp8 requantization turns that into whole-code flips
+    (measured: 0.8% relative error of the GPU-jitted reference against its own eager run)."""
+    return jax.jit(fn)(*jax.device_put(args, jax.devices("cpu")[0]))
+
+
 def assert_layer_close(got, want):
     got, want = np.asarray(got.astype(jnp.float32)), np.asarray(want.astype(jnp.float32))
     assert np.all(np.isfinite(got))
     rel = np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30)
-    assert rel < 1e-2, f"relative error {rel:.2e}"
+    assert rel < 5e-3, f"relative error {rel:.2e}"
 
 
 @pytest.mark.parametrize("m,e,h,inter,kind,static", [
@@ -64,7 +72,7 @@ def test_moe_cuda_matches_reference(rng, m, e, h, inter, kind, static):
     layer = jax.jit(lambda *a, impl: w4.moe(*a, routed_scaling_factor=2.5, implementation=impl, **scales),
                     static_argnames="impl")
     got = layer(x, ids, weights, w13, w2, impl="cuda")
-    want = layer(x, ids, weights, w13, w2, impl="reference")
+    want = reference_on_cpu(lambda *a: layer(*a, impl="reference"), x, ids, weights, w13, w2)
     assert_layer_close(got, want)
 
 
@@ -77,14 +85,15 @@ GRAPH_SCRIPT = textwrap.dedent("""
                             jnp.asarray((rng.standard_normal((e, n, k // 128)) * 0.005).astype(np.float32))).prepare()
     w13, w2 = weights(2 * inter, h), weights(h, inter)
     layer = jax.jit(lambda *a, impl: w4.moe(*a, routed_scaling_factor=2.5, implementation=impl), static_argnames="impl")
+    cpu = jax.devices("cpu")[0]
     for call in range(3):  # one executable, new routing and new token values every call
         ids = jnp.asarray(rng.integers(0, e, (m, 8)).astype(np.int32))
         tw = jnp.asarray(rng.random((m, 8)).astype(np.float32))
         x = jnp.asarray(rng.standard_normal((m, h)), jnp.bfloat16)
         got = np.asarray(layer(x, ids, tw, w13, w2, impl="cuda").astype(jnp.float32))
-        want = np.asarray(layer(x, ids, tw, w13, w2, impl="reference").astype(jnp.float32))
+        want = np.asarray(layer(*jax.device_put((x, ids, tw, w13, w2), cpu), impl="reference").astype(jnp.float32))
         rel = np.linalg.norm(got - want) / np.linalg.norm(want)
-        assert rel < 1e-2, (call, rel)
+        assert rel < 5e-3, (call, rel)
         print("call", call, "relative error", rel)
     print("GRAPH_OK")
 """)
