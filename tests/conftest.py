@@ -1,10 +1,15 @@
 """Test configuration: GPU tests are marked `gpu` and skip cleanly without a GPU build."""
 
-import jax
-import numpy as np
-import pytest
+import os
 
-import w4afp8_jax
+# Expert-parallel tests shard over simulated CPU devices; must be set before JAX starts a backend.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+import w4afp8_jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

@@ -58,7 +58,7 @@ def gather_quantize(x, positions, scale=None, *, implementation: str = "auto") -
 
 def combine_reference(rows: jax.Array, positions: jax.Array, topk_weights: jax.Array,
                       routed_scaling_factor: float) -> jax.Array:
-    kept = positions >= 0
+    kept = (positions >= 0) & (positions < rows.shape[0])
     gathered = rows[jnp.where(kept, positions, 0)].astype(jnp.float32)  # [M, k, H]
     weights = jnp.where(kept, topk_weights.astype(jnp.float32), 0.0)
     acc = jnp.sum(gathered * weights[..., None], axis=1)
@@ -78,7 +78,8 @@ def combine(rows, positions, topk_weights, routed_scaling_factor: float = 1.0, *
     """out[t] = routed_scaling_factor * sum_j topk_weights[t, j] * rows[positions[t, j]],
     accumulated in f32 over kept slots, returned as bf16 [M, H].
 
-    rows: bf16 [R, H] in expert order (GEMM2's output); positions from `route`.
+    rows: bf16 [R, H] in expert order (GEMM2's output); positions from `route` (or any row
+    indices: those outside [0, R) count as dropped slots and are never read).
     """
     require_rank("rows", rows, 2)
     require_dtype("rows", rows, jnp.bfloat16)
@@ -88,8 +89,6 @@ def combine(rows, positions, topk_weights, routed_scaling_factor: float = 1.0, *
     if np.shape(positions) != np.shape(topk_weights):
         raise ValueError(f"topk_weights shape {tuple(np.shape(topk_weights))} must equal positions shape "
                          f"{tuple(np.shape(positions))}")
-    if np.shape(rows)[0] != np.size(positions):
-        raise ValueError(f"rows must have M*k = {np.size(positions)} rows, got {np.shape(rows)[0]}")
     try:
         rsf = float(routed_scaling_factor)
     except (TypeError, ValueError):

@@ -23,10 +23,15 @@ def saturate_to_fp8(x_f32: jax.Array, scale: jax.Array) -> jax.Array:
     return jnp.clip(exact_divide(x_f32, scale), -FP8_MAX, FP8_MAX).astype(FP8_DTYPE)
 
 
+def scale_from_amax(amax: jax.Array) -> jax.Array:
+    """amax / 448 as an f32 scalar; amax = 0 (an all-zero tensor) gets scale 1."""
+    amax = jnp.asarray(amax, jnp.float32)
+    return jnp.where(amax > 0, exact_divide(amax, FP8_MAX), 1.0).astype(jnp.float32)
+
+
 def dynamic_scale(x_f32: jax.Array) -> jax.Array:
     """amax(|x|) / 448 as an f32 scalar; an all-zero tensor gets scale 1."""
-    amax = jnp.max(jnp.abs(x_f32)).astype(jnp.float32)
-    return jnp.where(amax > 0, exact_divide(amax, FP8_MAX), 1.0).astype(jnp.float32)
+    return scale_from_amax(jnp.max(jnp.abs(x_f32)))
 
 
 def quantize_fp8(x, scale=None) -> tuple[jax.Array, jax.Array]:

@@ -1,0 +1,79 @@
+"""Expert parallelism on simulated CPU devices (conftest forces 8 host devices): the sharded
+layer equals the single-device layer for 2, 4 and 8 shards.
+
+Bound: each (token, slot) row goes through the same per-row math on its expert's shard; only
+the reference GEMM's batching of rows changes (f32 summation order inside XLA's dot), so rare
+bf16 flips in c1 can move an fp8 code of h; 5e-3 relative norm allows a few such flips and fails
+on any misrouted row, expert, scale or slot (those are O(1) errors).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+import w4afp8_jax as w4
+
+E, H, INTER, TOKENS, TOP_K = 16, 256, 128, 32, 4
+
+
+@pytest.fixture(scope="module")
+def layer_weights():
+    rng = np.random.default_rng(7)
+
+    def weights(n, k):
+        packed = jnp.asarray(rng.integers(0, 256, size=(E, n, k // 2), dtype=np.uint8))
+        scales = jnp.asarray((rng.standard_normal((E, n, k // 128)) * 0.005).astype(np.float32))
+        return w4.W4Weights(packed, scales)
+
+    return weights(2 * INTER, H), weights(H, INTER)
+
+
+def make_routing(rng, kind, shards):
+    if kind == "uniform":
+        ids = np.stack([rng.choice(E, TOP_K, replace=False) for _ in range(TOKENS)])
+    elif kind == "one_shard":  # every token to experts of the last shard
+        per = E // shards
+        ids = np.stack([rng.choice(np.arange(E - per, E), min(TOP_K, per), replace=False) for _ in range(TOKENS)])
+        ids = np.pad(ids, ((0, 0), (0, TOP_K - ids.shape[1])), constant_values=E)  # pad with dropped slots
+    else:  # dropped slots mixed in
+        ids = rng.integers(0, E, size=(TOKENS, TOP_K))
+        ids[rng.random(ids.shape) < 0.25] = E
+    weights = rng.random((TOKENS, TOP_K)).astype(np.float32)
+    return jnp.asarray(ids.astype(np.int32)), jnp.asarray(weights)
+
+
+@pytest.mark.parametrize("shards", [2, 4, 8])
+@pytest.mark.parametrize("kind", ["uniform", "one_shard", "dropped"])
+@pytest.mark.parametrize("static", [True, False])
+def test_sharded_layer_equals_single_device(rng, layer_weights, shards, kind, static):
+    if len(jax.devices("cpu")) < shards:
+        pytest.skip(f"needs {shards} CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count)")
+    w13, w2 = layer_weights
+    ids, tw = make_routing(rng, kind, shards)
+    x = jnp.asarray(rng.standard_normal((TOKENS, H)), jnp.bfloat16)
+    scales = dict(a1_scale=0.02, a2_scale=0.01) if static else {}
+    mesh = Mesh(np.array(jax.devices("cpu")[:shards]), ("ep",))
+    sharded = jax.jit(lambda *a: w4.moe_expert_parallel(*a, mesh=mesh, routed_scaling_factor=2.5,
+                                                        implementation="reference", **scales))
+    got = np.asarray(sharded(x, ids, tw, w13, w2).astype(jnp.float32))
+    want = np.asarray(w4.moe(x, ids, tw, w13, w2, routed_scaling_factor=2.5, implementation="reference",
+                             **scales).astype(jnp.float32))
+    assert np.linalg.norm(want) > 0
+    rel = np.linalg.norm(got - want) / np.linalg.norm(want)
+    assert rel < 5e-3, f"relative error {rel:.2e}"
+    assert np.mean(got == want) > 0.9
+
+
+def test_expert_parallel_rejects_uneven_splits(layer_weights):
+    w13, w2 = layer_weights
+    mesh = Mesh(np.array(jax.devices("cpu")[:1]), ("ep",))
+    x = jnp.zeros((TOKENS, H), jnp.bfloat16)
+    ids, tw = jnp.zeros((TOKENS, TOP_K), jnp.int32), jnp.ones((TOKENS, TOP_K), jnp.float32)
+    with pytest.raises(ValueError, match="axis_name"):
+        w4.moe_expert_parallel(x, ids, tw, w13, w2, mesh=mesh, axis_name="tp")
+    if len(jax.devices("cpu")) >= 3:
+        mesh3 = Mesh(np.array(jax.devices("cpu")[:3]), ("ep",))
+        with pytest.raises(ValueError, match="x"):
+            w4.moe_expert_parallel(x[:31], ids[:31], tw[:31], w13, w2, mesh=mesh3)
