@@ -132,3 +132,15 @@ def test_under_jit(rng):
     got3 = jax.jit(lambda q: w4.grouped_gemm(q, float(s), w, jnp.asarray(offsets), implementation="reference"))(
         jnp.asarray(lhs))
     check(got3, lhs, s, packed, scales, offsets)
+
+
+def test_rows_before_the_first_offset_are_unowned(rng):
+    """group_offsets[0] > 0 breaks route's contract; the reference still leaves those rows zero
+    instead of giving them an expert's weights."""
+    w = w4.W4Weights(jnp.asarray(rng.integers(0, 256, (2, 16, 64), dtype=np.uint8)),
+                     jnp.asarray(rng.random((2, 16, 1), dtype=np.float32) + 0.5))
+    lhs, scale = w4.quantize_fp8(jnp.asarray(rng.standard_normal((6, 128)), jnp.float32))
+    out = np.asarray(w4.grouped_gemm(lhs, scale, w, jnp.asarray([2, 4, 5], jnp.int32),
+                                     implementation="reference").astype(jnp.float32))
+    assert np.all(out[:2] == 0) and np.all(out[5] == 0)
+    assert np.all(np.any(out[2:5] != 0, axis=1))

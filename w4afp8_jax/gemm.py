@@ -17,9 +17,12 @@ CUDA_N_ALIGNMENT = 16  # output channels come in tiles of 16 weight rows
 
 
 def row_experts(group_offsets: jax.Array, num_rows: int) -> jax.Array:
-    """int32 [num_rows]: the expert of each row, E for rows at or past group_offsets[E]."""
+    """int32 [num_rows]: the expert of each row; E for rows no expert owns (at or past
+    group_offsets[E], or before group_offsets[0])."""
     rows = jnp.arange(num_rows, dtype=jnp.int32)
-    return (jnp.searchsorted(group_offsets, rows, side="right") - 1).astype(jnp.int32)
+    experts = jnp.searchsorted(group_offsets, rows, side="right") - 1
+    num_experts = group_offsets.shape[0] - 1
+    return jnp.where(experts < 0, num_experts, experts).astype(jnp.int32)
 
 
 def _tile_rows(num_rows: int, num_experts: int) -> int:
