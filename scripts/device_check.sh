@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # One call on the device machine: build the CUDA module for its Python, run the GPU tests,
 # then whatever benchmarks are asked for. Logs and JSON go to $OUT.
-#   usage: bash scripts/device_check.sh [pytest args...]      (BENCH="gemm moe prep" to add benchmarks)
+#   usage: bash scripts/device_check.sh [pytest args...]
+#   BENCH="gemm moe prep"  also run those benchmarks (JSON and PNG under $OUT)
+#   SANITIZE=1             also run compute-sanitizer memcheck over each GPU test file (own
+#                          process each, cudaMalloc per buffer so out-of-bounds accesses are
+#                          visible) and racecheck over the grouped-GEMM tile configurations
 set -uo pipefail
 OUT=${OUT:-/tmp/w4afp8_out}
 mkdir -p "$OUT"
@@ -21,6 +25,20 @@ echo "build: $(( $(date +%s) - start )) s"
 
 python3 -m pytest -q -m gpu -rs "$@" tests 2>&1 | tee "$OUT/pytest_gpu.log"
 status=${PIPESTATUS[0]}
+
+if [ -n "${SANITIZE:-}" ]; then
+  for f in tests/*_gpu.py; do
+    name=$(basename "$f" .py)
+    XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_ALLOCATOR=platform timeout 300 \
+      compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -m gpu -x "$f" \
+      -k "not 65536 and not uniform256 and not 4096 and not 300" >"$OUT/memcheck_$name.log" 2>&1
+    echo "memcheck $name: rc=$? $(grep -E 'ERROR SUMMARY' "$OUT/memcheck_$name.log" | tail -1)"
+  done
+  XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_ALLOCATOR=platform timeout 300 \
+    compute-sanitizer --tool racecheck --error-exitcode 9 python3 -m pytest -q -m gpu \
+    tests/test_grouped_gemm_gpu.py -k "every_tile and tiled" >"$OUT/racecheck.log" 2>&1
+  echo "racecheck grouped_gemm: rc=$? $(grep -E 'RACECHECK SUMMARY' "$OUT/racecheck.log" | tail -1)"
+fi
 
 for b in ${BENCH:-}; do
   python3 "benchmarks/bench_$b.py" --json "$OUT/bench_$b.json" 2>&1 | tee "$OUT/bench_$b.log"
