@@ -23,7 +23,11 @@ cmake -S . -B build/device -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE="$(com
 cp build/device/_w4afp8_cuda*.so w4afp8_jax/
 echo "build: $(( $(date +%s) - start )) s"
 
-python3 -m pytest -q -m gpu -rs "$@" tests 2>&1 | tee "$OUT/pytest_gpu.log"
+# Test paths among the arguments narrow the run; otherwise the whole suite's GPU tests run.
+paths=()
+for arg in "$@"; do [ -e "$arg" ] && paths+=("$arg"); done
+[ ${#paths[@]} -gt 0 ] || set -- "$@" tests
+python3 -m pytest -q -m gpu -rs "$@" 2>&1 | tee "$OUT/pytest_gpu.log"
 status=${PIPESTATUS[0]}
 
 if [ -n "${SANITIZE:-}" ]; then
