@@ -23,6 +23,12 @@ def kept_rows_mask(group_offsets: jax.Array, num_rows: int) -> jax.Array:
     return jnp.arange(num_rows) < group_offsets[-1]
 
 
+def kept_silu_mul(c1: jax.Array, group_offsets: jax.Array) -> jax.Array:
+    """h for the kept rows (r < group_offsets[E]) and zero elsewhere: what a dynamic scale sees."""
+    kept = kept_rows_mask(group_offsets, c1.shape[0])
+    return jnp.where(kept[:, None], silu_mul(c1), 0.0)
+
+
 def silu_mul_quantize_reference(c1: jax.Array, group_offsets: jax.Array, scale: jax.Array) -> jax.Array:
     kept = kept_rows_mask(group_offsets, c1.shape[0])
     q = saturate_to_fp8(silu_mul(c1), scale)
@@ -52,8 +58,7 @@ def silu_mul_quantize(c1, group_offsets, scale=None, *, implementation: str = "a
     c1, group_offsets = jnp.asarray(c1), jnp.asarray(group_offsets).astype(jnp.int32)
     scale = check_static_scale("scale", scale)
     if scale is None:
-        kept = kept_rows_mask(group_offsets, c1.shape[0])
-        scale = dynamic_scale(jnp.where(kept[:, None], silu_mul(c1), 0.0))
+        scale = dynamic_scale(kept_silu_mul(c1, group_offsets))
     if _backend.resolve(implementation) == "cuda":
         return _silu_mul_quantize_cuda(c1, group_offsets, scale), scale
     return silu_mul_quantize_reference(c1, group_offsets, scale), scale

@@ -22,7 +22,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from . import _backend
 from ._validate import FP8_DTYPE, check_static_scale
-from .activation import kept_rows_mask, silu_mul, silu_mul_quantize
+from .activation import kept_silu_mul, silu_mul_quantize
 from .dispatch import combine
 from .fp8 import saturate_to_fp8, scale_from_amax
 from .gemm import grouped_gemm
@@ -67,8 +67,7 @@ def _shard_layer(x, topk_ids, topk_weights, w13, w2, *, axis_name, num_shards, n
     sorted_rows = jnp.zeros_like(recv_rows).at[rows].set(recv_rows, mode="drop")
     c1 = grouped_gemm(sorted_rows, scale1, w13, local.group_offsets, implementation=impl)
     if a2_scale is None:
-        kept = kept_rows_mask(local.group_offsets, c1.shape[0])
-        a2_scale = global_scale(jnp.where(kept[:, None], silu_mul(c1), 0.0))
+        a2_scale = global_scale(kept_silu_mul(c1, local.group_offsets))
     q2, scale2 = silu_mul_quantize(c1, local.group_offsets, a2_scale, implementation=impl)
     c2 = grouped_gemm(q2, scale2, w2, local.group_offsets, implementation=impl)
     back = jnp.where((order >= 0)[:, None], c2[jnp.maximum(order, 0)], jnp.zeros((), c2.dtype))
