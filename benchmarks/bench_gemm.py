@@ -11,7 +11,7 @@ in this run), the fraction of the floor reached, and the peers on the same shape
 routing: torch._grouped_mm (bf16), torch._scaled_grouped_mm (fp8, row/column scales) and
 jax.lax.ragged_dot (bf16), each on one dense weight set.
 
-  python3 benchmarks/bench_gemm.py [--json out.json] [--png out.png] [--quick] [--sweep]
+  python3 benchmarks/bench_gemm.py [--json out.json] [--png out.png] [--quick] [--sweep [CONFIGS]]
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from w4afp8_jax import grouped_gemm
 from w4afp8_jax import gemm as gemm_module
 
 PEERS = ("torch bf16", "torch fp8", "ragged_dot")
+FAST_ROWS_PER_EXPERT = 64  # the kernel's threshold for the wgmma configuration
 
 
 def gemm_shapes(dry_run: bool) -> dict:
@@ -84,9 +85,14 @@ def run_ours(args, impl, problems, shape, key, rates, result):
                                      instances, estimate_s=row["floor_us"] * 1e-6,
                                      warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
         row.update(ours_us=seconds * 1e6, ours_timing=detail, fraction=row["floor_us"] / (seconds * 1e6))
+        if impl == "cuda" and rows >= FAST_ROWS_PER_EXPERT * e:  # where fast_accumulation picks wgmma
+            t, _ = C.time_jax(lambda x, s, w, o: grouped_gemm(x, s, w, o, implementation=impl, fast_accumulation=True),
+                              instances, calls=detail["calls"], warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
+            row.update(fast_us=t * 1e6, fast_fraction=row["floor_us"] / (t * 1e6))
         if args.sweep and impl == "cuda":
             row["sweep_us"] = {}
-            for c in range(configs):
+            swept = range(configs) if args.sweep == "all" else [int(c) for c in args.sweep.split(",")]
+            for c in swept:
                 try:
                     t, _ = C.time_jax(
                         lambda x, s, w, o, c=c: gemm_module._grouped_gemm_cuda(x, s, w, o, config=c),
@@ -164,17 +170,19 @@ def report(results, args, rates) -> None:
     copy_tb = rates["copy_bytes_per_s"] / 1e12
     for res in results.values():
         sweep = any("best_us" in r for r in res["rows"])
-        headers = ["B", "rows", "hit", "ours us", "mem floor us", "compute floor us", "frac of floor"]
+        headers = ["B", "rows", "hit", "ours us", "mem floor us", "compute floor us", "frac of floor",
+                   "fast-accum us", "fast frac"]
         headers += ["best cfg", "best us"] if sweep else []
         headers += [f"{p} us" for p in PEERS]
         table = []
         for r in res["rows"]:
             line = [r["B"], r["rows"], f"{r['experts_hit']:.1f}", r["ours_us"], r["mem_floor_us"],
-                    r["compute_floor_us"], r["fraction"]]
+                    r["compute_floor_us"], r["fraction"], r.get("fast_us"), r.get("fast_fraction")]
             line += [r.get("best_config"), r.get("best_us")] if sweep else []
             line += [r["peers"].get(p, {}).get("us") for p in PEERS]
             table.append(line)
         notes = C.peer_notes(res["rows"])
+        notes.append("fast-accum: fast_accumulation=True (wgmma, inexact accumulation), timed where it changes the kernel")
         notes.append(f"memory floor at the measured copy bandwidth {copy_tb:.2f} TB/s; "
                      "fraction of floor = max(memory, compute floor) / ours")
         notes.append("ours rotates over several int4 weight sets and 32 (B<=128) or 4 routings per call; "
@@ -186,7 +194,8 @@ def plot(results, args, rates, env) -> None:
     panels = []
     for res in results.values():
         xs = [r["B"] for r in res["rows"]]
-        lines = {"ours (default config)": [r["ours_us"] for r in res["rows"]]}
+        lines = {"ours (default config)": [r["ours_us"] for r in res["rows"]],
+                 "ours (fast accumulation)": [r.get("fast_us") for r in res["rows"]]}
         if any("best_us" in r for r in res["rows"]):
             lines["ours (best config)"] = [r.get("best_us") for r in res["rows"]]
         for p in PEERS:
@@ -199,7 +208,8 @@ def plot(results, args, rates, env) -> None:
 
 def main() -> None:
     parser = C.base_parser(__doc__.splitlines()[0], default_limit_ms=150.0)
-    parser.add_argument("--sweep", action="store_true", help="also time every tile config of the kernel's table")
+    parser.add_argument("--sweep", nargs="?", const="all", default=None, metavar="CONFIGS",
+                        help="also time every tile config of the kernel's table (or the comma-separated ones given)")
     args, impl, env, rates, key = C.start(parser, "bench_gemm.py")
     shapes = gemm_shapes(args.dry_run)
     problems = Problems(jax.random.fold_in(key, 0), args.batches, shapes["experts"])

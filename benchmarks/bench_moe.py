@@ -84,6 +84,9 @@ def run_ours(args, impl, shape, key, rates, problems, scales):
     def layer(x, ids, w, w13, w2):
         return moe(x, ids, w, w13, w2, **kw)
 
+    def fast_layer(x, ids, w, w13, w2):
+        return moe(x, ids, w, w13, w2, fast_accumulation=True, **kw)
+
     def routed_layer(x, logits, bias, w13, w2):
         w, ids = deepseek_topk(logits, bias)
         return moe(x, ids, w, w13, w2, **kw)
@@ -105,8 +108,11 @@ def run_ours(args, impl, shape, key, rates, problems, scales):
         row["floor_us"] = max(v for v in (row["weight_floor_us"], row["compute_floor_us"]) if v is not None)
         timing = dict(estimate_s=row["floor_us"] * 1e-6, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
         w = [sets[j % n_sets] for j in range(len(insts))]
+        layer_instances = [(p["x"], p["ids"], p["weights"], *w[j]) for j, p in enumerate(insts)]
+        wgmma_sizes = impl == "cuda" and rows >= 64 * shape["experts"]  # where fast_accumulation changes the kernel
+        fast = [("layer_fast", fast_layer, layer_instances)] if wgmma_sizes else []
         for name, fn, instances in (
-                ("layer", layer, [(p["x"], p["ids"], p["weights"], *w[j]) for j, p in enumerate(insts)]),
+                ("layer", layer, layer_instances), *fast,
                 ("layer_router", routed_layer, [(p["x"], p["logits"], p["bias"], *w[j]) for j, p in enumerate(insts)]),
                 ("gemms", gemms, [(p["q1"], p["q2"], p["offsets"], *w[j]) for j, p in enumerate(insts)])):
             seconds, detail = C.time_jax(fn, instances, **timing)
@@ -240,12 +246,15 @@ def run_pure_jax(args, shape, weights, problems, rows_out):
 
 
 def report(rows_out, title, rates) -> None:
-    headers = ["B", "rows", "hit", "layer us", "+router us", "gemms us", "outside %", "weight floor us",
-               "compute floor us", "frac of floor"] + [f"{p} us" for p in PEERS]
-    table = [[r["B"], r["rows"], f"{r['experts_hit']:.1f}", r["layer_us"], r["layer_router_us"], r["gemms_us"],
-              100 * r["outside_gemms_share"], r["weight_floor_us"], r["compute_floor_us"], r["fraction"]]
+    headers = ["B", "rows", "hit", "layer us", "fast-accum layer us", "+router us", "gemms us", "outside %",
+               "weight floor us", "compute floor us", "frac of floor"] + [f"{p} us" for p in PEERS]
+    table = [[r["B"], r["rows"], f"{r['experts_hit']:.1f}", r["layer_us"], r.get("layer_fast_us"),
+              r["layer_router_us"], r["gemms_us"], 100 * r["outside_gemms_share"], r["weight_floor_us"],
+              r["compute_floor_us"], r["fraction"]]
              + [r["peers"].get(p, {}).get("us") for p in PEERS] for r in rows_out]
     notes = C.peer_notes(rows_out)
+    notes.append("fast-accum layer: moe(..., fast_accumulation=True), timed where it changes the GEMM kernel "
+                 "(>= 64 rows per expert)")
     modes = {f"{k}: {v}" for r in rows_out for k, v in r.get("torch_mode", {}).items()}
     notes.append(f"weight floor = int4 + scale bytes of the experts hit in both GEMMs at the measured copy "
                  f"bandwidth {rates['copy_bytes_per_s'] / 1e12:.2f} TB/s; frac of floor = max(weight, compute "
@@ -274,7 +283,9 @@ def main() -> None:
     C.write_json(args.json, {"environment": env, "rates": rates, "shape": shape, "top_k": C.TOP_K,
                              "a1_scale": scales[0], "a2_scale": scales[1], "rows": rows_out})
     xs = [r["B"] for r in rows_out]
-    lines = {"ours": [r["layer_us"] for r in rows_out], "ours + router": [r["layer_router_us"] for r in rows_out],
+    lines = {"ours": [r["layer_us"] for r in rows_out],
+             "ours, fast accumulation": [r.get("layer_fast_us") for r in rows_out],
+             "ours + router": [r["layer_router_us"] for r in rows_out],
              "ours, two GEMMs only": [r["gemms_us"] for r in rows_out]}
     lines.update({p: [r["peers"].get(p, {}).get("us") for r in rows_out] for p in PEERS})
     C.write_png(args.png, [{"title": title, "x": xs, "lines": lines,

@@ -51,13 +51,20 @@ QUICK_BATCHES = (1, 64)
 L2_BYTES = 50 * 2**20
 FP8 = jnp.float8_e4m3fn
 
-try:  # torch and triton are optional: peers and CUDA-event timing need them
-    import torch
-    import triton.testing
-    _TORCH_ERROR = None if torch.cuda.is_available() else "torch sees no CUDA device"
-except Exception as err:  # noqa: BLE001 - any import failure means "no torch peers"
-    torch = None
-    _TORCH_ERROR = f"torch/triton unavailable ({type(err).__name__}: {err})"
+# torch and triton are optional: peers and CUDA-event timing need them. Kernel-only scripts run
+# under Nsight Compute set W4AFP8_BENCH_TORCH=0: ncu crashed (rc 139, no kernel profiled) in a
+# process that had imported torch beside jax.
+torch = None
+if os.environ.get("W4AFP8_BENCH_TORCH", "1") == "0":
+    _TORCH_ERROR = "torch disabled (W4AFP8_BENCH_TORCH=0)"
+else:
+    try:
+        import torch
+        import triton.testing
+        _TORCH_ERROR = None if torch.cuda.is_available() else "torch sees no CUDA device"
+    except Exception as err:  # noqa: BLE001 - any import failure means "no torch peers"
+        torch = None
+        _TORCH_ERROR = f"torch/triton unavailable ({type(err).__name__}: {err})"
 
 
 # --------------------------------------------------------------------------- command line

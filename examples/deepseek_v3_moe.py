@@ -9,6 +9,7 @@ layer's relative error against the unquantized bf16 layer (same routing, f32 mat
 the pure-JAX reference path when it ran on the GPU, and its time.
 
   python examples/deepseek_v3_moe.py [--batch 64] [--experts 256] [--implementation auto]
+                                     [--fast-accumulation]
 
 Without a GPU (or without the compiled CUDA module) it runs the reference path; at the
 default batch of 4 that takes about a minute on 2 CPU cores, most of it making the weights.
@@ -44,6 +45,8 @@ def parse_args():
     p.add_argument("--implementation", choices=("auto", "cuda", "reference"), default="auto")
     p.add_argument("--repeats", type=int, default=None, help="timed calls (default: 20 on the GPU path, 3 otherwise)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fast-accumulation", action="store_true",
+                   help="moe(..., fast_accumulation=True): Hopper's inexact fp8 accumulation at >= 64 rows per expert")
     args = p.parse_args()
     if args.experts < 16 or args.experts % N_GROUP:
         p.error(f"--experts must be a multiple of {N_GROUP} and at least 16 (the router keeps "
@@ -170,10 +173,13 @@ def main() -> None:
     a2_scale = float(h_amax) / 448.0
     del w13_hit, w2_hit
 
+    fast_accumulation = args.fast_accumulation
+
     def layer(x, logits, bias, w13, w2, implementation=impl):
         weights, ids = deepseek_topk(logits, bias)
         return moe(x, ids, weights, w13, w2, a1_scale=a1_scale, a2_scale=a2_scale,
-                   routed_scaling_factor=ROUTED_SCALING_FACTOR, implementation=implementation)
+                   routed_scaling_factor=ROUTED_SCALING_FACTOR, implementation=implementation,
+                   fast_accumulation=fast_accumulation)
 
     run = jax.jit(layer)
     out = jax.block_until_ready(run(x, logits, bias, w13, w2))
@@ -185,8 +191,8 @@ def main() -> None:
         # on the GPU are not correctly rounded, which moves some fp8 codes); with static scales
         # tokens are independent, so a few tokens suffice.
         few = min(batch, 4)
-        args = jax.device_put((x[:few], logits[:few], bias, w13, w2), jax.devices("cpu")[0])
-        ref_path = jax.jit(lambda *a: layer(*a, implementation="reference"))(*args)
+        cpu_inputs = jax.device_put((x[:few], logits[:few], bias, w13, w2), jax.devices("cpu")[0])
+        ref_path = jax.jit(lambda *a: layer(*a, implementation="reference"))(*cpu_inputs)
         print(f"relative error vs the reference path on the CPU (same quantized math, first {few} tokens): "
               f"{relative_error(out[:few], jax.device_put(ref_path, out.devices().pop())):.2e}")
 

@@ -553,6 +553,259 @@ __global__ void __launch_bounds__(Cfg::kThreads) GroupedGemmStreamKernel(Grouped
   ZeroUnownedRows(args, table.row_start[args.experts]);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Shared by the block-tiled kernels: a block computes one unit (kBlockRows weight rows x kBlockT
+// tokens of one expert) at a time, staging each K group of both operands through a cp.async ring.
+
+// Where a block's unit lies: units are numbered weight-row block fastest, so the blocks that
+// run together share one token tile (and an expert's weights) through L2.
+struct BlockUnit {
+  int expert;
+  int64_t token_begin;
+  int token_count;
+  int64_t row0;
+
+  template <class Table>
+  __device__ __forceinline__ void Locate(const Table& table, int64_t unit, int64_t row_blocks, int block_rows,
+                                         int num_experts) {
+    const auto found = table.Find(static_cast<int>(unit / row_blocks), num_experts);
+    expert = found.expert;
+    token_begin = found.token_begin;
+    token_count = found.token_count;
+    row0 = (unit % row_blocks) * block_rows;
+  }
+};
+
+template <class Cfg>
+__device__ __forceinline__ void IssueBlockStage(const GroupedGemmArgs& args, const BlockUnit& unit, int group,
+                                                uint8_t* stage) {
+  for (int c = threadIdx.x; c < Cfg::kBlockRows * 4; c += Cfg::kThreads) {  // 64 chunks per 16-row tile
+    const int tile = c / 64, half = (c / 32) % 2, lane = c % 32;
+    const int64_t tile_row = unit.row0 + tile * 16;
+    const bool valid = tile_row < args.n;
+    CopyAsync16(stage + c * 16,
+                WeightLaneBase(args, unit.expert, valid ? tile_row : 0, half, lane) + group * WeightGroupStride(args),
+                valid);
+  }
+  uint8_t* act = stage + Cfg::kWeightBytes;
+  for (int c = threadIdx.x; c < Cfg::kBlockT * 8; c += Cfg::kThreads) {
+    const int token = c / 8, chunk = c % 8;
+    const bool valid = token < unit.token_count;
+    CopyAsync16(act + token * kGemmGroupSize + ((chunk ^ (token % 8)) * 16),
+                args.lhs + (valid ? unit.token_begin + token : 0) * args.k + group * kGemmGroupSize + chunk * 16,
+                valid);
+  }
+  float* scales = reinterpret_cast<float*>(act + Cfg::kActBytes);
+  const int64_t groups = args.k / kGemmGroupSize;
+  for (int r = threadIdx.x; r < Cfg::kBlockRows; r += Cfg::kThreads) {
+    const bool valid = unit.row0 + r < args.n;
+    CopyAsync4(scales + r, args.scales + (unit.expert * args.n + (valid ? unit.row0 + r : 0)) * groups + group, valid);
+  }
+}
+
+// The load side of a block's cp.async ring: it walks the block's (unit, K group) steps, kept
+// kStages - 1 steps ahead of the compute side by the caller.
+template <class Cfg>
+struct BlockLoader {
+  BlockUnit unit;
+  int64_t step = 0;
+  int group = 0;
+
+  template <class Table>
+  __device__ __forceinline__ void IssueNext(const GroupedGemmArgs& args, const Table& table, uint8_t* ring,
+                                            int64_t steps, int groups, int64_t row_blocks) {
+    if (step < steps) {
+      if (group == 0) {
+        unit.Locate(table, blockIdx.x + (step / groups) * gridDim.x, row_blocks, Cfg::kBlockRows,
+                    static_cast<int>(args.experts));
+      }
+      IssueBlockStage<Cfg>(args, unit, group, ring + (step % Cfg::kStages) * Cfg::kStageBytes);
+      ++step;
+      if (++group == groups) group = 0;
+    }
+    CommitAsync();  // empty groups keep the wait count uniform
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Warpgroup kernel for prefill. On sm_90 the fp8 mma.sync above is emulated (ptxas unpacks e4m3
+// to f16 and issues two HMMA.16816 per MMA; see docs/performance.md), so the fp8 tensor-core
+// rate is only reachable through wgmma. Each K group's int4 weights are converted once per
+// block into an fp8 tile in shared memory, and two warpgroups multiply 64 weight rows each by
+// the 128 tokens of the unit (wgmma m64n128k32, both operands K-major from shared memory in
+// the 128-byte swizzle that the activation staging already uses). The conversion of the next
+// group overlaps the asynchronous MMAs of the current one.
+// Hopper's fp8 wgmma adds the products of one instruction with limited alignment precision
+// (about 14 bits relative to the largest term), so this kernel is not the exact f32 math of
+// the reference: it runs only when the caller asks for fast accumulation.
+
+struct WgmmaConfig {
+  static constexpr int kStages = 4;
+  static constexpr int kWarps = 8;  // two warpgroups
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kBlockRows = 128;
+  static constexpr int kBlockT = 128;  // the wgmma N
+  static constexpr int kWeightBytes = kBlockRows * kGemmGroupSize / 2;
+  static constexpr int kActBytes = kBlockT * kGemmGroupSize;
+  // wgmma operand tiles must start on 1024 bytes (the 8-row swizzle atom).
+  static constexpr int kStageBytes = (kWeightBytes + kActBytes + kBlockRows * 4 + 1023) / 1024 * 1024;
+  static constexpr int kFp8WeightBytes = kBlockRows * kGemmGroupSize;
+  static constexpr int kWarpRows = 16;
+  static constexpr int kStagingPitch = kWarpRows + 8;  // bf16 elements per token row
+  static constexpr int kStagingBytes = kBlockT * kStagingPitch * 2;
+  static constexpr int kSmemBytes = 1024 + kStages * kStageBytes + 2 * kFp8WeightBytes + kWarps * kStagingBytes;
+};
+
+// Shared-memory matrix descriptor: K-major rows of 128 bytes, 128-byte swizzle, 8-row atoms
+// 1024 bytes apart.
+__device__ __forceinline__ uint64_t SwizzledTileDescriptor(const void* tile) {
+  const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(tile));
+  return static_cast<uint64_t>((address & 0x3FFFF) >> 4) | (static_cast<uint64_t>(1024 >> 4) << 32) | (1ull << 62);
+}
+
+// d (+)= A[64 x 32] * B[32 x 128]; accumulate = 0 overwrites d.
+__device__ __forceinline__ void WgmmaE4m3(float (&d)[64], uint64_t a, uint64_t b, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "l"(a), "l"(b), "r"(accumulate));
+}
+
+__device__ __forceinline__ void WgmmaFence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void WgmmaCommit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+template <int kPending>
+__device__ __forceinline__ void WgmmaWait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(kPending) : "memory");
+}
+// Shared-memory writes of this thread become visible to the async proxy (wgmma operand reads).
+__device__ __forceinline__ void FenceProxyAsync() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+
+// int4 lane chunks of one stage (lane (g, t) of a 16-row tile: K [32t, 32t + 32) of one row)
+// -> the fp8 weight tile, row-major 128 bytes per row, 16-byte chunks swizzled by row % 8.
+template <class Cfg>
+__device__ __forceinline__ void ConvertStageWeights(const uint8_t* stage, uint8_t* fp8_weights) {
+  for (int c = threadIdx.x; c < Cfg::kBlockRows * 4; c += Cfg::kThreads) {
+    const int tile = c / 64, half = (c / 32) % 2, lane = c % 32;
+    const int row = tile * 16 + lane / 4 + 8 * half, t = lane % 4;
+    const uint4 w = *reinterpret_cast<const uint4*>(stage + c * 16);
+    uint4 lo, hi;
+    Int4ToE4m3(w.x, lo.x, lo.y);
+    Int4ToE4m3(w.y, lo.z, lo.w);
+    Int4ToE4m3(w.z, hi.x, hi.y);
+    Int4ToE4m3(w.w, hi.z, hi.w);
+    uint8_t* dst = fp8_weights + row * kGemmGroupSize;
+    *reinterpret_cast<uint4*>(dst + (((2 * t) ^ (row % 8)) * 16)) = lo;
+    *reinterpret_cast<uint4*>(dst + (((2 * t + 1) ^ (row % 8)) * 16)) = hi;
+  }
+  FenceProxyAsync();
+}
+
+template <class Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads, 1) GroupedGemmWgmmaKernel(GroupedGemmArgs args) {
+  __shared__ TileTable<Cfg::kThreads, Cfg::kBlockT> table;
+  extern __shared__ uint8_t wgmma_smem_unaligned[];
+  uint8_t* ring = reinterpret_cast<uint8_t*>(
+      (reinterpret_cast<uintptr_t>(wgmma_smem_unaligned) + 1023) / 1024 * 1024);
+  uint8_t* fp8_weights = ring + Cfg::kStages * Cfg::kStageBytes;  // two buffers
+  table.Build(args);
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane / 4, t = lane % 4;
+  const int warpgroup = warp / 4;
+  const int warp_row0 = warp * Cfg::kWarpRows;  // rows 16w .. 16w + 15 of the block tile
+  __nv_bfloat16* staging = reinterpret_cast<__nv_bfloat16*>(fp8_weights + 2 * Cfg::kFp8WeightBytes +
+                                                            warp * Cfg::kStagingBytes);
+
+  const int num_experts = static_cast<int>(args.experts);
+  const int groups = static_cast<int>(args.k / kGemmGroupSize);
+  const int64_t row_blocks = (args.n + Cfg::kBlockRows - 1) / Cfg::kBlockRows;
+  const int64_t units = static_cast<int64_t>(table.tile_start[num_experts]) * row_blocks;
+  const int64_t my_units = blockIdx.x < units ? (units - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
+  const int64_t steps = my_units * groups;
+  const float lhs_scale = *args.lhs_scale;
+
+  BlockLoader<Cfg> loader;
+  BlockUnit computing;
+#pragma unroll 1
+  for (int s = 0; s < Cfg::kStages - 1; ++s) loader.IssueNext(args, table, ring, steps, groups, row_blocks);
+  if (steps > 0) {
+    WaitAsync<Cfg::kStages - 2>();
+    ConvertStageWeights<Cfg>(ring, fp8_weights);
+    __syncthreads();
+  }
+
+  float acc[16][4] = {};  // [8-token tile][MMA accumulator layout]: rows g, g + 8; tokens 2t, 2t + 1
+  float group_sum[64];    // one K group in the wgmma accumulator layout
+  int compute_group = 0;
+  for (int64_t step = 0; step < steps; ++step) {
+    if (compute_group == 0) {
+      computing.Locate(table, blockIdx.x + (step / groups) * gridDim.x, row_blocks, Cfg::kBlockRows, num_experts);
+    }
+    const uint8_t* stage = ring + (step % Cfg::kStages) * Cfg::kStageBytes;
+    const uint64_t a = SwizzledTileDescriptor(fp8_weights + (step % 2) * Cfg::kFp8WeightBytes +
+                                              warpgroup * 64 * kGemmGroupSize);
+    const uint64_t b = SwizzledTileDescriptor(stage + Cfg::kWeightBytes);  // + 2 per k32: 32 bytes on
+    const float* scales = reinterpret_cast<const float*>(stage + Cfg::kWeightBytes + Cfg::kActBytes);
+    const float scale_lo = scales[warp_row0 + g], scale_hi = scales[warp_row0 + g + 8];
+    WgmmaFence();
+#pragma unroll
+    for (int k32 = 0; k32 < 4; ++k32) WgmmaE4m3(group_sum, a + 2 * k32, b + 2 * k32, k32);
+    WgmmaCommit();
+
+    // While the MMAs run: the next group's operands are complete, refill the ring, convert.
+    WaitAsync<Cfg::kStages - 3>();
+    __syncthreads();
+    loader.IssueNext(args, table, ring, steps, groups, row_blocks);
+    if (step + 1 < steps) {
+      ConvertStageWeights<Cfg>(ring + ((step + 1) % Cfg::kStages) * Cfg::kStageBytes,
+                               fp8_weights + ((step + 1) % 2) * Cfg::kFp8WeightBytes);
+    }
+
+    WgmmaWait<0>();
+#pragma unroll
+    for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(group_sum[i])::"memory");  // reads stay after the wait
+#pragma unroll
+    for (int tt = 0; tt < 16; ++tt) {
+      acc[tt][0] += scale_lo * group_sum[4 * tt];
+      acc[tt][1] += scale_lo * group_sum[4 * tt + 1];
+      acc[tt][2] += scale_hi * group_sum[4 * tt + 2];
+      acc[tt][3] += scale_hi * group_sum[4 * tt + 3];
+    }
+    __syncthreads();  // every warpgroup is done with this fp8 tile and the converted next one is complete
+
+    if (++compute_group < groups) continue;
+    compute_group = 0;
+#pragma unroll
+    for (int tt = 0; tt < 16; ++tt) {
+      const int token = tt * 8 + 2 * t;
+      staging[token * Cfg::kStagingPitch + g] = __float2bfloat16_rn(acc[tt][0] * lhs_scale);
+      staging[(token + 1) * Cfg::kStagingPitch + g] = __float2bfloat16_rn(acc[tt][1] * lhs_scale);
+      staging[token * Cfg::kStagingPitch + g + 8] = __float2bfloat16_rn(acc[tt][2] * lhs_scale);
+      staging[(token + 1) * Cfg::kStagingPitch + g + 8] = __float2bfloat16_rn(acc[tt][3] * lhs_scale);
+      acc[tt][0] = acc[tt][1] = acc[tt][2] = acc[tt][3] = 0.f;
+    }
+    __syncwarp();
+    for (int idx = lane; idx < Cfg::kBlockT * 2; idx += 32) {
+      const int token = idx / 2, col = (idx % 2) * 8;
+      const int64_t out_row = computing.row0 + warp_row0 + col;
+      if (token >= computing.token_count || out_row >= args.n) continue;
+      *reinterpret_cast<uint4*>(args.out + (computing.token_begin + token) * args.n + out_row) =
+          *reinterpret_cast<const uint4*>(staging + token * Cfg::kStagingPitch + col);
+    }
+    __syncwarp();
+  }
+  WaitAsync<0>();
+  ZeroUnownedRows(args, table.row_start[num_experts]);
+}
+
 struct KernelConfig {
   void (*kernel)(GroupedGemmArgs);
   int threads;
@@ -567,6 +820,10 @@ constexpr KernelConfig Entry() {
 template <class Cfg>
 constexpr KernelConfig StreamEntry() {
   return {GroupedGemmStreamKernel<Cfg>, Cfg::kThreads, Cfg::kSmemBytes};
+}
+
+constexpr KernelConfig WgmmaEntry() {
+  return {GroupedGemmWgmmaKernel<WgmmaConfig>, WgmmaConfig::kThreads, WgmmaConfig::kSmemBytes};
 }
 
 // TileConfig<16-row tiles per warp, 8-token tiles per block, warps along N, warps along K,
@@ -588,17 +845,22 @@ constexpr KernelConfig kConfigs[] = {
     StreamEntry<StreamConfig<2, 2, 4>>(),  // 12: 32 rows x 16 tokens
     Entry<TileConfig<1, 1, 1, 8, 3>>(),    // 13: decode, long K: 16 rows x 8 tokens, 8-way split K
     Entry<TileConfig<1, 1, 1, 4, 6>>(),    // 14: as 1 with 6 register stages
+    WgmmaEntry(),                          // 15: wgmma, 128 rows x 128 tokens, fast accumulation
 };
 constexpr int kNumConfigs = sizeof(kConfigs) / sizeof(kConfigs[0]);
+constexpr int kWgmmaConfig = 15;
 
 }  // namespace
 
 int GroupedGemmNumConfigs() { return kNumConfigs; }
 
+bool GroupedGemmConfigIsExact(int config) { return config != kWgmmaConfig; }
+
 // Picked from kernel-time sweeps on an H100 (docs/performance.md) by the mean rows per expert,
 // a static quantity: the routing itself is never read on the host.
-int GroupedGemmDefaultConfig(int64_t rows, int64_t n, int64_t k, int64_t experts) {
+int GroupedGemmDefaultConfig(int64_t rows, int64_t n, int64_t k, int64_t experts, bool fast_accumulation) {
   const double rows_per_expert = static_cast<double>(rows) / static_cast<double>(experts);
+  if (fast_accumulation && rows_per_expert >= 64) return kWgmmaConfig;  // faster from B = 2048 tokens
   const bool long_k = k >= 2048;
   if (rows_per_expert < (long_k ? 0.1 : 1.0)) return long_k ? 1 : 3;  // a handful of experts: split K
   if (rows_per_expert <= 8) return 10;                                  // streaming, 32 rows x 8 tokens
@@ -606,13 +868,13 @@ int GroupedGemmDefaultConfig(int64_t rows, int64_t n, int64_t k, int64_t experts
   return 6;
 }
 
-cudaError_t LaunchGroupedGemm(const GroupedGemmArgs& args, int config, cudaStream_t stream) {
+cudaError_t LaunchGroupedGemm(const GroupedGemmArgs& args, int config, bool fast_accumulation, cudaStream_t stream) {
   if (args.rows == 0 || args.n == 0) return cudaSuccess;
   if (args.k <= 0 || args.k % kGemmGroupSize || args.n % kGemmRowAlignment || args.experts < 1 ||
       args.experts > kGemmMaxExperts || config >= kNumConfigs) {
     return cudaErrorInvalidValue;
   }
-  if (config < 0) config = GroupedGemmDefaultConfig(args.rows, args.n, args.k, args.experts);
+  if (config < 0) config = GroupedGemmDefaultConfig(args.rows, args.n, args.k, args.experts, fast_accumulation);
   const KernelConfig& cfg = kConfigs[config];
   int device = 0, sms = 0, blocks_per_sm = 0;
   cudaError_t status = cudaGetDevice(&device);

@@ -35,10 +35,16 @@ struct GroupedGemmArgs {
 // Number of kernel configurations (tile shapes); see grouped_gemm.cu for the table.
 int GroupedGemmNumConfigs();
 
-// The configuration the dispatcher picks for these static sizes (the data never matters).
-int GroupedGemmDefaultConfig(int64_t rows, int64_t n, int64_t k, int64_t experts);
+// Whether a configuration computes the exact math above (f32 sums of each K group). The wgmma
+// configuration does not: Hopper's fp8 tensor cores add the products of one instruction with
+// about 14 bits of alignment precision ("fast accumulation").
+bool GroupedGemmConfigIsExact(int config);
+
+// The configuration the dispatcher picks for these static sizes (the data never matters);
+// fast_accumulation allows the inexact wgmma configuration.
+int GroupedGemmDefaultConfig(int64_t rows, int64_t n, int64_t k, int64_t experts, bool fast_accumulation);
 
 // config < 0 picks the default. Requires k % 128 == 0, n % 16 == 0, 1 <= experts <= 1024.
-cudaError_t LaunchGroupedGemm(const GroupedGemmArgs& args, int config, cudaStream_t stream);
+cudaError_t LaunchGroupedGemm(const GroupedGemmArgs& args, int config, bool fast_accumulation, cudaStream_t stream);
 
 }  // namespace w4afp8

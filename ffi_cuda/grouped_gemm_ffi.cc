@@ -8,7 +8,7 @@ namespace {
 
 ffi::Error GroupedGemm(cudaStream_t stream, ffi::AnyBuffer lhs, F32Vector lhs_scale, U8Tensor3 packed,
                        F32Tensor3 scales, S32Vector offsets, Bf16MatrixOut out, int32_t config,
-                       int32_t tiled_layout) {
+                       int32_t tiled_layout, int32_t fast_accumulation) {
   W4AFP8_RETURN_IF_ERROR(RequireType(lhs, ffi::DataType::F8E4M3FN, "grouped_gemm: lhs"));
   W4AFP8_RETURN_IF_ERROR(RequireRank(lhs, 2, "grouped_gemm: lhs"));
   const int64_t rows = lhs.dimensions()[0], k = lhs.dimensions()[1];
@@ -39,7 +39,7 @@ ffi::Error GroupedGemm(cudaStream_t stream, ffi::AnyBuffer lhs, F32Vector lhs_sc
                              k,
                              experts,
                              tiled_layout != 0};
-  return LaunchStatus(LaunchGroupedGemm(args, config, stream), "grouped_gemm");
+  return LaunchStatus(LaunchGroupedGemm(args, config, fast_accumulation != 0, stream), "grouped_gemm");
 }
 
 }  // namespace
@@ -55,5 +55,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(W4afp8GroupedGemm, w4afp8::GroupedGemm,
                                   .Arg<w4afp8::S32Vector>()
                                   .Ret<w4afp8::Bf16Matrix>()
                                   .Attr<int32_t>("config")
-                                  .Attr<int32_t>("tiled_layout"),
+                                  .Attr<int32_t>("tiled_layout")
+                                  .Attr<int32_t>("fast_accumulation"),
                               {w4afp8::kGraphSafe});

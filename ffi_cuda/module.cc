@@ -27,4 +27,6 @@ NB_MODULE(_w4afp8_cuda, m) {
   });
   m.def("grouped_gemm_num_configs", &w4afp8::GroupedGemmNumConfigs,
         "Number of tile configurations the grouped GEMM can be asked for (benchmark sweeps).");
+  m.def("grouped_gemm_config_is_exact", &w4afp8::GroupedGemmConfigIsExact,
+        "Whether a tile configuration computes the exact f32 group sums (the wgmma one does not).");
 }

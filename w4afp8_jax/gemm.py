@@ -81,13 +81,14 @@ def grouped_gemm_reference(lhs: jax.Array, lhs_scale: jax.Array, rhs: W4Weights,
     return (out[:num_rows] * lhs_scale).astype(jnp.bfloat16)
 
 
-def _grouped_gemm_cuda(lhs, lhs_scale, rhs: W4Weights, group_offsets, config: int = -1) -> jax.Array:
+def _grouped_gemm_cuda(lhs, lhs_scale, rhs: W4Weights, group_offsets, config: int = -1,
+                       fast_accumulation: bool = False) -> jax.Array:
     """config picks a tile shape from the kernel's table (benchmarks sweep it); -1 lets the
-    kernel choose from the static sizes."""
+    kernel choose from the static sizes (the wgmma one only with fast_accumulation)."""
     out_type = jax.ShapeDtypeStruct((lhs.shape[0], rhs.out_features), jnp.bfloat16)
     return jax.ffi.ffi_call("w4afp8_grouped_gemm", out_type, vmap_method="sequential")(
         lhs, jnp.reshape(lhs_scale, (1,)), rhs.packed, rhs.scales, group_offsets, config=np.int32(config),
-        tiled_layout=np.int32(rhs.layout == "tiled"))
+        tiled_layout=np.int32(rhs.layout == "tiled"), fast_accumulation=np.int32(bool(fast_accumulation)))
 
 
 def check_grouped_gemm_args(lhs, rhs, group_offsets) -> None:
@@ -104,13 +105,20 @@ def check_grouped_gemm_args(lhs, rhs, group_offsets) -> None:
                          f"got {np.shape(group_offsets)[0]}")
 
 
-def grouped_gemm(lhs, lhs_scale, rhs: W4Weights, group_offsets, *, implementation: str = "auto") -> jax.Array:
+def grouped_gemm(lhs, lhs_scale, rhs: W4Weights, group_offsets, *, implementation: str = "auto",
+                 fast_accumulation: bool = False) -> jax.Array:
     """bf16 [R, N]: rows group_offsets[e]..group_offsets[e+1] of fp8 lhs [R, K] times expert
     e's int4 weights, as SPEC.md step 3. Rows at or past group_offsets[E] come out as zeros.
 
     group_offsets must be non-decreasing with group_offsets[0] = 0 and group_offsets[E] <= R
     (as `route` produces); the CUDA kernel clamps offsets into [0, R] so bad offsets can never
     make it read or write out of bounds.
+
+    fast_accumulation=True lets the CUDA path use Hopper's fp8 wgmma tensor cores when experts
+    average 64 rows or more (prefill): about 2x faster there, but wgmma adds the 32 products of
+    each instruction with about 14 bits of alignment precision, so results differ from the f32
+    math by up to a few percent of the output's RMS where an activation outlier shares a K
+    slice with ordinary values (docs/performance.md). The reference path ignores it.
     """
     check_grouped_gemm_args(lhs, rhs, group_offsets)
     if lhs_scale is None:
@@ -122,5 +130,5 @@ def grouped_gemm(lhs, lhs_scale, rhs: W4Weights, group_offsets, *, implementatio
             raise ValueError(f"rhs.group_size must be {CUDA_GROUP_SIZE} on the CUDA path, got {rhs.group_size}")
         if rhs.out_features % CUDA_N_ALIGNMENT:
             raise ValueError(f"rhs: N = {rhs.out_features} must be a multiple of {CUDA_N_ALIGNMENT} on the CUDA path")
-        return _grouped_gemm_cuda(lhs, scale, rhs, group_offsets)
+        return _grouped_gemm_cuda(lhs, scale, rhs, group_offsets, fast_accumulation=fast_accumulation)
     return grouped_gemm_reference(lhs, scale, rhs, group_offsets)

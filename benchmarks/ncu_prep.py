@@ -1,0 +1,139 @@
+"""Kernel-only times of the data prep (route + gather_quantize, CUDA path), read by Nsight Compute.
+
+For M tokens (E = 256, k = 8, H = 7168) one jitted function runs route then gather_quantize with
+a static scale, as bench_prep.py's "prep cuda" does. ncu flushes the L2 before each kernel and
+reports each kernel's own duration, so the sum over the prep's kernels excludes launch gaps and
+dispatch overhead; the floor is a copy of the bytes the prep must move (x read in bf16 + the
+fp8 rows written) at --bandwidth. Two steps:
+
+  ncu --clock-control none --metrics gpu__time_duration.sum --csv \\
+      python3 benchmarks/ncu_prep.py launch --order $OUT/prep_order.json [--tokens 1,64] > $OUT/ncu_prep.csv
+  python3 benchmarks/ncu_prep.py report --order $OUT/prep_order.json --csv $OUT/ncu_prep.csv
+
+ncu profiles every kernel (no --kernel-name filter), because which kernels the prep launches
+(ours, or XLA's around them) is what is measured. `launch` runs the prep twice per M on
+different random inputs (the first compiles and warms up) and brackets the second call with a
+marker: a jitted `combine` on a one-token input, whose only kernel is CombineKernel, which the
+prep never launches. `report` takes the kernels between each pair of markers. Markers rather
+than NVTX ranges: XLA may launch kernels from its own threads, outside a range pushed on the
+Python thread. Memsets and copies are not kernels and are not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import re
+
+os.environ["W4AFP8_BENCH_TORCH"] = "0"  # before common: no torch in a process ncu profiles
+
+import jax
+import jax.numpy as jnp
+
+from common import HIDDEN, NUM_EXPERTS, TOP_K, uniform_topk_ids  # first: puts the repo root on sys.path
+from bench_prep import PREP_M, SCALE
+import w4afp8_jax as w4
+
+MARKER_KERNEL = "CombineKernel"
+TIME_METRIC = "gpu__time_duration.sum"
+MICROSECONDS_PER_UNIT = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3,
+                         "s": 1e6, "second": 1e6}
+
+
+def launch(args) -> None:
+    impl = args.implementation
+
+    def prep(x, topk_ids, scale):
+        routing = w4.route(topk_ids, NUM_EXPERTS, implementation=impl)
+        rows, _ = w4.gather_quantize(x, routing.positions, scale, implementation=impl)
+        return rows, routing.group_offsets
+
+    prep = jax.jit(prep)
+    combine = jax.jit(lambda rows, positions, weights: w4.combine(rows, positions, weights, implementation=impl))
+    # Made once, up front: creating them may launch kernels, which must not fall between markers.
+    marker_inputs = (jnp.zeros((1, 8), jnp.bfloat16), jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1), jnp.float32))
+    scale = jnp.float32(SCALE)
+
+    def mark():
+        jax.block_until_ready(combine(*marker_inputs))
+
+    key = jax.random.PRNGKey(args.seed)
+    order = []
+    for m in args.tokens:
+        keys = jax.random.split(jax.random.fold_in(key, m), 4)
+        inputs = [(jax.random.normal(keys[2 * i], (m, HIDDEN), jnp.bfloat16), uniform_topk_ids(keys[2 * i + 1], m),
+                   scale) for i in range(2)]
+        jax.block_until_ready(inputs)
+        jax.block_until_ready(prep(*inputs[0]))  # compiles and warms up
+        mark()
+        jax.block_until_ready(prep(*inputs[1]))  # the measured call
+        mark()
+        order.append(dict(M=m, E=NUM_EXPERTS, k=TOP_K, H=HIDDEN, bytes=m * HIDDEN * 2 + m * TOP_K * HIDDEN))
+    with open(args.order, "w") as f:
+        json.dump(order, f)
+
+
+def short_name(kernel: str, width: int = 60) -> str:
+    """ncu's demangled kernel name without return type, namespaces and parameter list."""
+    name = kernel.removeprefix("void ").replace("(anonymous namespace)::", "").replace("<unnamed>::", "")
+    if name.endswith(")"):  # cut the parameter list: the parenthesized group that ends the name
+        depth = 0
+        for i in range(len(name) - 1, -1, -1):
+            depth += {")": 1, "(": -1}.get(name[i], 0)
+            if depth == 0:
+                name = name[:i]
+                break
+    name = re.sub(r"\w+::", "", name)
+    return name if len(name) <= width else name[:width - 3] + "..."
+
+
+def kernel_times(csv_path: str) -> list[tuple[str, float]]:
+    """(kernel name, microseconds) of every profiled kernel, in launch order (ncu's ID)."""
+    with open(csv_path) as f:  # ncu and the program print other lines too: the CSV ones are quoted
+        rows = [r for r in csv.DictReader(line for line in f if line.startswith('"'))
+                if r["Metric Name"] == TIME_METRIC]
+    rows.sort(key=lambda r: int(r["ID"]))
+    return [(r["Kernel Name"], float(r["Metric Value"].replace(",", "")) * MICROSECONDS_PER_UNIT[r["Metric Unit"]])
+            for r in rows]
+
+
+def report(args) -> None:
+    order = json.load(open(args.order))
+    kernels = kernel_times(args.csv)
+    marks = [i for i, (name, _) in enumerate(kernels) if MARKER_KERNEL in name]
+    if len(marks) != 2 * len(order):
+        raise SystemExit(f"expected {2 * len(order)} {MARKER_KERNEL} markers among the {len(kernels)} kernels "
+                         f"in the CSV, found {len(marks)}")
+    for o, start, end in zip(order, marks[::2], marks[1::2]):
+        measured = kernels[start + 1:end]
+        total = sum(t for _, t in measured)
+        floor = o["bytes"] / args.bandwidth * 1e6
+        print(f'M={o["M"]:5d}: {len(measured)} kernels, {total:9.1f} us; copy floor {floor:8.2f} us '
+              f'({o["bytes"] / 1e6:.1f} MB); time / floor = {total / floor:.2f}')
+        for name, t in measured:
+            print(f"    {short_name(name):60s} {t:9.1f} us")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="step", required=True)
+    p = sub.add_parser("launch")
+    p.add_argument("--order", required=True, help="JSON listing the measured calls, for `report`")
+    p.add_argument("--tokens", type=lambda s: [int(m) for m in s.split(",")], default=list(PREP_M),
+                   help="comma-separated token counts M (default: %s)" % ",".join(map(str, PREP_M)))
+    p.add_argument("--implementation", choices=("cuda", "reference"), default="cuda",
+                   help="reference: the same steps without the CUDA module, to check the script off the GPU "
+                        "(its output has no markers for `report`)")
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("report")
+    p.add_argument("--order", required=True)
+    p.add_argument("--csv", required=True, help="ncu --csv output")
+    p.add_argument("--bandwidth", type=float, default=3.0e12, help="measured copy bandwidth, bytes/s")
+    args = parser.parse_args()
+    launch(args) if args.step == "launch" else report(args)
+
+
+if __name__ == "__main__":
+    main()
