@@ -576,50 +576,67 @@ struct BlockUnit {
   }
 };
 
-template <class Cfg>
-__device__ __forceinline__ void IssueBlockStage(const GroupedGemmArgs& args, const BlockUnit& unit, int group,
-                                                uint8_t* stage) {
-  for (int c = threadIdx.x; c < Cfg::kBlockRows * 4; c += Cfg::kThreads) {  // 64 chunks per 16-row tile
-    const int tile = c / 64, half = (c / 32) % 2, lane = c % 32;
-    const int64_t tile_row = unit.row0 + tile * 16;
-    const bool valid = tile_row < args.n;
-    CopyAsync16(stage + c * 16,
-                WeightLaneBase(args, unit.expert, valid ? tile_row : 0, half, lane) + group * WeightGroupStride(args),
-                valid);
-  }
-  uint8_t* act = stage + Cfg::kWeightBytes;
-  for (int c = threadIdx.x; c < Cfg::kBlockT * 8; c += Cfg::kThreads) {
-    const int token = c / 8, chunk = c % 8;
-    const bool valid = token < unit.token_count;
-    CopyAsync16(act + token * kGemmGroupSize + ((chunk ^ (token % 8)) * 16),
-                args.lhs + (valid ? unit.token_begin + token : 0) * args.k + group * kGemmGroupSize + chunk * 16,
-                valid);
-  }
-  float* scales = reinterpret_cast<float*>(act + Cfg::kActBytes);
-  const int64_t groups = args.k / kGemmGroupSize;
-  for (int r = threadIdx.x; r < Cfg::kBlockRows; r += Cfg::kThreads) {
-    const bool valid = unit.row0 + r < args.n;
-    CopyAsync4(scales + r, args.scales + (unit.expert * args.n + (valid ? unit.row0 + r : 0)) * groups + group, valid);
-  }
-}
-
 // The load side of a block's cp.async ring: it walks the block's (unit, K group) steps, kept
-// kStages - 1 steps ahead of the compute side by the caller.
+// kStages - 1 steps ahead of the compute side by the caller. Each thread copies fixed 16-byte
+// chunks of every stage; their sources are found once per unit, so a step only adds the
+// group's offset.
 template <class Cfg>
 struct BlockLoader {
-  BlockUnit unit;
+  static constexpr int kWeightChunks = Cfg::kBlockRows * 4 / Cfg::kThreads;  // 64 per 16-row tile
+  static constexpr int kActChunks = Cfg::kBlockT * 8 / Cfg::kThreads;        // 8 per token
+  static_assert(Cfg::kBlockRows * 4 % Cfg::kThreads == 0 && Cfg::kBlockT * 8 % Cfg::kThreads == 0, "");
+  const uint8_t* weight_src[kWeightChunks];
+  const uint8_t* act_src[kActChunks];
+  const float* scale_src;
+  bool weight_valid[kWeightChunks];
+  bool act_valid[kActChunks];
+  bool scale_valid;
   int64_t step = 0;
   int group = 0;
+
+  template <class Table>
+  __device__ __forceinline__ void Locate(const GroupedGemmArgs& args, const Table& table, int64_t unit_index,
+                                         int64_t row_blocks) {
+    BlockUnit unit;
+    unit.Locate(table, unit_index, row_blocks, Cfg::kBlockRows, static_cast<int>(args.experts));
+#pragma unroll
+    for (int i = 0; i < kWeightChunks; ++i) {
+      const int c = threadIdx.x + i * Cfg::kThreads, tile = c / 64, half = (c / 32) % 2, lane = c % 32;
+      const int64_t tile_row = unit.row0 + tile * 16;
+      weight_valid[i] = tile_row < args.n;
+      weight_src[i] = WeightLaneBase(args, unit.expert, weight_valid[i] ? tile_row : 0, half, lane);
+    }
+#pragma unroll
+    for (int i = 0; i < kActChunks; ++i) {
+      const int c = threadIdx.x + i * Cfg::kThreads, token = c / 8, chunk = c % 8;
+      act_valid[i] = token < unit.token_count;
+      act_src[i] = args.lhs + (act_valid[i] ? unit.token_begin + token : 0) * args.k + chunk * 16;
+    }
+    const int64_t row = unit.row0 + threadIdx.x;
+    scale_valid = threadIdx.x < Cfg::kBlockRows && row < args.n;
+    scale_src = args.scales + (unit.expert * args.n + (scale_valid ? row : 0)) * (args.k / kGemmGroupSize);
+  }
 
   template <class Table>
   __device__ __forceinline__ void IssueNext(const GroupedGemmArgs& args, const Table& table, uint8_t* ring,
                                             int64_t steps, int groups, int64_t row_blocks) {
     if (step < steps) {
-      if (group == 0) {
-        unit.Locate(table, blockIdx.x + (step / groups) * gridDim.x, row_blocks, Cfg::kBlockRows,
-                    static_cast<int>(args.experts));
+      if (group == 0) Locate(args, table, blockIdx.x + (step / groups) * gridDim.x, row_blocks);
+      uint8_t* stage = ring + (step % Cfg::kStages) * Cfg::kStageBytes;
+      const int64_t weight_offset = group * WeightGroupStride(args);
+#pragma unroll
+      for (int i = 0; i < kWeightChunks; ++i) {
+        CopyAsync16(stage + (threadIdx.x + i * Cfg::kThreads) * 16, weight_src[i] + weight_offset, weight_valid[i]);
       }
-      IssueBlockStage<Cfg>(args, unit, group, ring + (step % Cfg::kStages) * Cfg::kStageBytes);
+#pragma unroll
+      for (int i = 0; i < kActChunks; ++i) {  // 16-byte chunks XOR-swizzled by token % 8
+        const int c = threadIdx.x + i * Cfg::kThreads, token = c / 8, chunk = c % 8;
+        CopyAsync16(stage + Cfg::kWeightBytes + token * kGemmGroupSize + ((chunk ^ (token % 8)) * 16),
+                    act_src[i] + group * kGemmGroupSize, act_valid[i]);
+      }
+      if (threadIdx.x < Cfg::kBlockRows) {
+        CopyAsync4(stage + Cfg::kWeightBytes + Cfg::kActBytes + threadIdx.x * 4, scale_src + group, scale_valid);
+      }
       ++step;
       if (++group == groups) group = 0;
     }
@@ -692,8 +709,9 @@ __device__ __forceinline__ void FenceProxyAsync() { asm volatile("fence.proxy.as
 // -> the fp8 weight tile, row-major 128 bytes per row, 16-byte chunks swizzled by row % 8.
 template <class Cfg>
 __device__ __forceinline__ void ConvertStageWeights(const uint8_t* stage, uint8_t* fp8_weights) {
-  for (int c = threadIdx.x; c < Cfg::kBlockRows * 4; c += Cfg::kThreads) {
-    const int tile = c / 64, half = (c / 32) % 2, lane = c % 32;
+#pragma unroll
+  for (int i = 0; i < Cfg::kBlockRows * 4 / Cfg::kThreads; ++i) {
+    const int c = threadIdx.x + i * Cfg::kThreads, tile = c / 64, half = (c / 32) % 2, lane = c % 32;
     const int row = tile * 16 + lane / 4 + 8 * half, t = lane % 4;
     const uint4 w = *reinterpret_cast<const uint4*>(stage + c * 16);
     uint4 lo, hi;

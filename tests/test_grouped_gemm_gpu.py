@@ -6,12 +6,13 @@ they agree exactly or by one bf16 ulp (a rounding flip), and the float64 model a
 half a bf16 ulp plus that f32 noise.
 
 Fast accumulation (the wgmma configuration) is not that math: Hopper's fp8 tensor cores align
-the 32 products of one instruction to the largest with about 14 bits kept, so a product is off
-by up to ~2^-13 of the slice's largest product. With ~0.1% activation outliers (100x) a slice
-holding one makes its ordinary products lose ~6 bits; summed over a row that stays a small
-fraction of the output's RMS: bounded here by a normwise error of 1% and an elementwise error
-of 15% of the RMS (measured: at most ~7% of the RMS, 99.2% of elements within one bf16 ulp).
-A wrong operand layout or scale gives O(1) errors and fails both.
+the 32 products of one instruction (and the running sum) to the largest with about 14 bits
+kept, so every product in a K slice is off by up to ~2^-13 of the slice's largest term. With
+~0.1% activation outliers (100x) a slice holding one loses ~7 more bits for its ordinary
+products. Measured on the H100: normwise error 8.2e-4 to 8.5e-4, worst element 0.04-0.14 of
+the output RMS (K = 512 is worst: fewer slices to average), 99.2-99.7% within one bf16 ulp.
+Bounds: normwise 2e-3 and elementwise 0.25 RMS; a wrong operand layout, slice or scale gives
+errors of order 1 and fails both.
 """
 
 import jax
@@ -58,7 +59,7 @@ def assert_fast_accumulation_close(got, want):
     worst = np.max(np.abs(got - want)) / rms
     print(f"fast accumulation: normwise error {normwise:.2e}, max |error| / RMS {worst:.2e}, "
           f"within 1 bf16 ulp {np.mean(bf16_ulps(got, want) <= 1):.5f}")
-    assert normwise <= 1e-2 and worst <= 0.15
+    assert normwise <= 2e-3 and worst <= 0.25
 
 
 def run_poisoned(fn, *args):
