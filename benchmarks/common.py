@@ -18,6 +18,7 @@ before every call).
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import os
@@ -476,3 +477,19 @@ def write_png(path: Path | None, panels: list[dict], suptitle: str) -> None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     print(f"wrote {path}")
+
+
+# --------------------------------------------------------------------------- Nsight Compute
+
+_NCU_MICROSECONDS_PER_UNIT = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3,
+                              "s": 1e6, "second": 1e6}
+
+
+def ncu_kernel_times(csv_path: str) -> list[tuple[str, float]]:
+    """(kernel name, microseconds) of every profiled kernel, in launch order (ncu's ID)."""
+    with open(csv_path) as f:  # ncu and the program print other lines too: the CSV ones are quoted
+        rows = [r for r in csv.DictReader(line for line in f if line.startswith('"'))
+                if r["Metric Name"] == "gpu__time_duration.sum"]
+    rows.sort(key=lambda r: int(r["ID"]))
+    return [(r["Kernel Name"], float(r["Metric Value"].replace(",", "")) * _NCU_MICROSECONDS_PER_UNIT[r["Metric Unit"]])
+            for r in rows]

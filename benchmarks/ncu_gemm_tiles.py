@@ -14,7 +14,6 @@ takes every second kernel. docs/results/gemm_config_sweep_ncu.txt is such a repo
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 
@@ -24,8 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common import (BATCHES, HIDDEN, INTER, NUM_EXPERTS, experts_hit, group_offsets_of, random_w4_weights,
-                    uniform_topk_ids)
+from common import (BATCHES, HIDDEN, INTER, NUM_EXPERTS, experts_hit, group_offsets_of, ncu_kernel_times,
+                    random_w4_weights, uniform_topk_ids)
 
 GEMMS = {"gemm1": (2 * INTER, HIDDEN), "gemm2": (HIDDEN, INTER)}  # (N, K)
 
@@ -60,10 +59,7 @@ def launch(args) -> None:
 
 def report(args) -> None:
     order = json.load(open(args.order))
-    rows = [r for r in csv.DictReader(line for line in open(args.csv) if line.startswith('"'))
-            if r["Metric Name"] == "gpu__time_duration.sum"]
-    unit = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3}
-    times = [float(r["Metric Value"].replace(",", "")) * unit[r["Metric Unit"]] for r in rows]
+    times = [t for _, t in ncu_kernel_times(args.csv)]
     if len(times) != 2 * len(order):
         raise SystemExit(f"expected {2 * len(order)} kernels in the CSV, found {len(times)}")
     best = {}

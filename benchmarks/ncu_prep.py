@@ -22,7 +22,6 @@ Python thread. Memsets and copies are not kernels and are not counted.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import re
@@ -32,14 +31,11 @@ os.environ["W4AFP8_BENCH_TORCH"] = "0"  # before common: no torch in a process n
 import jax
 import jax.numpy as jnp
 
-from common import HIDDEN, NUM_EXPERTS, TOP_K, uniform_topk_ids  # first: puts the repo root on sys.path
+from common import HIDDEN, NUM_EXPERTS, TOP_K, ncu_kernel_times, uniform_topk_ids  # first: puts the repo root on sys.path
 from bench_prep import PREP_M, SCALE
 import w4afp8_jax as w4
 
 MARKER_KERNEL = "CombineKernel"
-TIME_METRIC = "gpu__time_duration.sum"
-MICROSECONDS_PER_UNIT = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3,
-                         "s": 1e6, "second": 1e6}
 
 
 def launch(args) -> None:
@@ -89,19 +85,9 @@ def short_name(kernel: str, width: int = 60) -> str:
     return name if len(name) <= width else name[:width - 3] + "..."
 
 
-def kernel_times(csv_path: str) -> list[tuple[str, float]]:
-    """(kernel name, microseconds) of every profiled kernel, in launch order (ncu's ID)."""
-    with open(csv_path) as f:  # ncu and the program print other lines too: the CSV ones are quoted
-        rows = [r for r in csv.DictReader(line for line in f if line.startswith('"'))
-                if r["Metric Name"] == TIME_METRIC]
-    rows.sort(key=lambda r: int(r["ID"]))
-    return [(r["Kernel Name"], float(r["Metric Value"].replace(",", "")) * MICROSECONDS_PER_UNIT[r["Metric Unit"]])
-            for r in rows]
-
-
 def report(args) -> None:
     order = json.load(open(args.order))
-    kernels = kernel_times(args.csv)
+    kernels = ncu_kernel_times(args.csv)
     marks = [i for i, (name, _) in enumerate(kernels) if MARKER_KERNEL in name]
     if len(marks) != 2 * len(order):
         raise SystemExit(f"expected {2 * len(order)} {MARKER_KERNEL} markers among the {len(kernels)} kernels "
