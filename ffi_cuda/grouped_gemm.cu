@@ -111,6 +111,32 @@ struct WarpOperands {
   bool token_valid[Cfg::kTTiles];
   int64_t weight_group_stride;
 
+  // This lane's operands for the 16 * kMTiles weight rows from row0 of `expert` and the
+  // 8 * kTTiles tokens from token_begin (token_count of them real); rows past N and missing
+  // tokens point at valid memory and are marked invalid.
+  __device__ __forceinline__ void Point(const GroupedGemmArgs& args, int expert, int64_t row0,
+                                        int64_t token_begin, int token_count, int lane) {
+    const int g = lane / 4, t = lane % 4;
+    const int groups = static_cast<int>(args.k / kGemmGroupSize);
+    weight_group_stride = WeightGroupStride(args);
+#pragma unroll
+    for (int mt = 0; mt < Cfg::kMTiles; ++mt) {
+      tile_valid[mt] = row0 + mt * 16 < args.n;
+      const int64_t tile_row = tile_valid[mt] ? row0 + mt * 16 : 0;
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        weight_rows[mt][half] = WeightLaneBase(args, expert, tile_row, half, lane);
+        scale_rows[mt][half] = args.scales + (expert * args.n + tile_row + g + 8 * half) * groups;
+      }
+    }
+#pragma unroll
+    for (int tt = 0; tt < Cfg::kTTiles; ++tt) {
+      const int token = tt * 8 + g;
+      token_valid[tt] = token < token_count;
+      token_rows[tt] = args.lhs + (token_valid[tt] ? token_begin + token : 0) * args.k + t * 32;
+    }
+  }
+
   __device__ __forceinline__ void Load(GroupFragments<Cfg>& f, int group) const {
 #pragma unroll
     for (int mt = 0; mt < Cfg::kMTiles; ++mt) {
@@ -261,23 +287,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) GroupedGemmKernel(GroupedGemmAr
     const int64_t row0 = static_cast<int64_t>(n_block) * Cfg::kBlockN + warp_n * 16 * Cfg::kMTiles;
 
     WarpOperands<Cfg> ops;
-    ops.weight_group_stride = WeightGroupStride(args);
-#pragma unroll
-    for (int mt = 0; mt < Cfg::kMTiles; ++mt) {
-      ops.tile_valid[mt] = row0 + mt * 16 < n;
-      const int64_t tile_row = ops.tile_valid[mt] ? row0 + mt * 16 : 0;
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        ops.weight_rows[mt][half] = WeightLaneBase(args, e, tile_row, half, lane);
-        ops.scale_rows[mt][half] = args.scales + (e * n + tile_row + g + 8 * half) * groups;
-      }
-    }
-#pragma unroll
-    for (int tt = 0; tt < Cfg::kTTiles; ++tt) {
-      const int token = tt * 8 + g;
-      ops.token_valid[tt] = token < token_count;
-      ops.token_rows[tt] = args.lhs + (ops.token_valid[tt] ? token_begin + token : 0) * k + t * 32;
-    }
+    ops.Point(args, e, row0, token_begin, token_count, lane);
 
     // Register ring of kStages groups: kStages - 1 groups of loads stay in flight while one is
     // multiplied (Little's law: each SM needs tens of KB of weight loads outstanding).
@@ -377,13 +387,7 @@ __device__ __forceinline__ void WaitAsync() {
 
 // Where one unit's operands live, for one lane.
 template <class Cfg>
-struct StreamUnit {
-  const uint8_t* weight_rows[Cfg::kMTiles][2];
-  const float* scale_rows[Cfg::kMTiles][2];
-  const uint8_t* token_rows[Cfg::kTTiles];
-  bool tile_valid[Cfg::kMTiles];
-  bool token_valid[Cfg::kTTiles];
-  int64_t weight_group_stride;
+struct StreamUnit : WarpOperands<Cfg> {
   int64_t token_begin;
   int token_count;
   int64_t row0;
@@ -391,29 +395,11 @@ struct StreamUnit {
   template <class Table>
   __device__ __forceinline__ void Locate(const GroupedGemmArgs& args, const Table& table, int64_t unit,
                                          int total_tiles, int lane) {
-    const int g = lane / 4, t = lane % 4;
     const auto found = table.Find(static_cast<int>(unit % total_tiles), static_cast<int>(args.experts));
     token_begin = found.token_begin;
     token_count = found.token_count;
     row0 = (unit / total_tiles) * Cfg::kRows;
-    const int64_t groups = args.k / kGemmGroupSize;
-    weight_group_stride = WeightGroupStride(args);
-#pragma unroll
-    for (int mt = 0; mt < Cfg::kMTiles; ++mt) {
-      tile_valid[mt] = row0 + mt * 16 < args.n;
-      const int64_t tile_row = tile_valid[mt] ? row0 + mt * 16 : 0;
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        weight_rows[mt][half] = WeightLaneBase(args, found.expert, tile_row, half, lane);
-        scale_rows[mt][half] = args.scales + (found.expert * args.n + tile_row + g + 8 * half) * groups;
-      }
-    }
-#pragma unroll
-    for (int tt = 0; tt < Cfg::kTTiles; ++tt) {
-      const int token = tt * 8 + g;
-      token_valid[tt] = token < token_count;
-      token_rows[tt] = args.lhs + (token_valid[tt] ? token_begin + token : 0) * args.k + t * 32;
-    }
+    this->Point(args, found.expert, row0, token_begin, token_count, lane);
   }
 
   // Invalid operands are zero-filled by cp.async (source size 0), never read.
@@ -422,10 +408,10 @@ struct StreamUnit {
     for (int mt = 0; mt < Cfg::kMTiles; ++mt) {
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        CopyAsync16(stage + (2 * mt + half) * 512 + lane * 16, weight_rows[mt][half] + group * weight_group_stride,
-                    tile_valid[mt]);
+        CopyAsync16(stage + (2 * mt + half) * 512 + lane * 16,
+                    this->weight_rows[mt][half] + group * this->weight_group_stride, this->tile_valid[mt]);
         CopyAsync4(stage + 512 * (Cfg::kWeightChunks + Cfg::kActChunks) + lane * 8 * Cfg::kMTiles + (2 * mt + half) * 4,
-                   scale_rows[mt][half] + group, tile_valid[mt]);
+                   this->scale_rows[mt][half] + group, this->tile_valid[mt]);
       }
     }
 #pragma unroll
@@ -433,7 +419,7 @@ struct StreamUnit {
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         CopyAsync16(stage + (Cfg::kWeightChunks + 2 * tt + half) * 512 + lane * 16,
-                    token_rows[tt] + group * kGemmGroupSize + half * 16, token_valid[tt]);
+                    this->token_rows[tt] + group * kGemmGroupSize + half * 16, this->token_valid[tt]);
       }
     }
   }
@@ -554,8 +540,9 @@ __global__ void __launch_bounds__(Cfg::kThreads) GroupedGemmStreamKernel(Grouped
 }
 
 // ---------------------------------------------------------------------------------------------
-// Shared by the block-tiled kernels: a block computes one unit (kBlockRows weight rows x kBlockT
-// tokens of one expert) at a time, staging each K group of both operands through a cp.async ring.
+// Block-tiled work (the wgmma kernel below): a block computes one unit (kBlockRows weight rows x
+// kBlockT tokens of one expert) at a time, staging each K group of both operands through a
+// cp.async ring.
 
 // Where a block's unit lies: units are numbered weight-row block fastest, so the blocks that
 // run together share one token tile (and an expert's weights) through L2.
@@ -684,7 +671,11 @@ __device__ __forceinline__ uint64_t SwizzledTileDescriptor(const void* tile) {
 __device__ __forceinline__ void WgmmaE4m3(float (&d)[64], uint64_t a, uint64_t b, int accumulate) {
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1;\n}\n"
+      "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1;\n}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
         "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
         "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
@@ -878,7 +869,8 @@ bool GroupedGemmConfigIsExact(int config) { return config != kWgmmaConfig; }
 // a static quantity: the routing itself is never read on the host.
 int GroupedGemmDefaultConfig(int64_t rows, int64_t n, int64_t k, int64_t experts, bool fast_accumulation) {
   const double rows_per_expert = static_cast<double>(rows) / static_cast<double>(experts);
-  if (fast_accumulation && rows_per_expert >= 64) return kWgmmaConfig;  // faster from B = 2048 tokens
+  // faster from B = 2048 tokens; gemm.py's CUDA_FAST_ACCUMULATION_ROWS_PER_EXPERT mirrors the 64
+  if (fast_accumulation && rows_per_expert >= 64) return kWgmmaConfig;
   const bool long_k = k >= 2048;
   if (rows_per_expert < (long_k ? 0.1 : 1.0)) return long_k ? 1 : 3;  // a handful of experts: split K
   if (rows_per_expert <= 8) return 10;                                  // streaming, 32 rows x 8 tokens
