@@ -25,7 +25,6 @@ from w4afp8_jax import grouped_gemm
 from w4afp8_jax import gemm as gemm_module
 
 PEERS = ("torch bf16", "torch fp8", "ragged_dot")
-FAST_ROWS_PER_EXPERT = 64  # the kernel's threshold for the wgmma configuration
 
 
 def gemm_shapes(dry_run: bool) -> dict:
@@ -85,7 +84,7 @@ def run_ours(args, impl, problems, shape, key, rates, result):
                                      instances, estimate_s=row["floor_us"] * 1e-6,
                                      warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
         row.update(ours_us=seconds * 1e6, ours_timing=detail, fraction=row["floor_us"] / (seconds * 1e6))
-        if impl == "cuda" and rows >= FAST_ROWS_PER_EXPERT * e:  # where fast_accumulation picks wgmma
+        if impl == "cuda" and rows >= gemm_module.CUDA_FAST_ACCUMULATION_ROWS_PER_EXPERT * e:  # wgmma sizes
             t, _ = C.time_jax(lambda x, s, w, o: grouped_gemm(x, s, w, o, implementation=impl, fast_accumulation=True),
                               instances, calls=detail["calls"], warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
             row.update(fast_us=t * 1e6, fast_fraction=row["floor_us"] / (t * 1e6))

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from w4afp8_jax import deepseek_topk, gather_quantize, grouped_gemm, moe, route
+from w4afp8_jax.gemm import CUDA_FAST_ACCUMULATION_ROWS_PER_EXPERT
 
 PEERS = ("jax ragged_dot", "jax dense", "torch bf16", "torch fp8")
 
@@ -109,7 +110,8 @@ def run_ours(args, impl, shape, key, rates, problems, scales):
         timing = dict(estimate_s=row["floor_us"] * 1e-6, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
         w = [sets[j % n_sets] for j in range(len(insts))]
         layer_instances = [(p["x"], p["ids"], p["weights"], *w[j]) for j, p in enumerate(insts)]
-        wgmma_sizes = impl == "cuda" and rows >= 64 * shape["experts"]  # where fast_accumulation changes the kernel
+        # where fast_accumulation changes the GEMM kernel
+        wgmma_sizes = impl == "cuda" and rows >= CUDA_FAST_ACCUMULATION_ROWS_PER_EXPERT * shape["experts"]
         fast = [("layer_fast", fast_layer, layer_instances)] if wgmma_sizes else []
         for name, fn, instances in (
                 ("layer", layer, layer_instances), *fast,
@@ -254,7 +256,7 @@ def report(rows_out, title, rates) -> None:
              + [r["peers"].get(p, {}).get("us") for p in PEERS] for r in rows_out]
     notes = C.peer_notes(rows_out)
     notes.append("fast-accum layer: moe(..., fast_accumulation=True), timed where it changes the GEMM kernel "
-                 "(>= 64 rows per expert)")
+                 f"(>= {CUDA_FAST_ACCUMULATION_ROWS_PER_EXPERT} rows per expert)")
     modes = {f"{k}: {v}" for r in rows_out for k, v in r.get("torch_mode", {}).items()}
     notes.append(f"weight floor = int4 + scale bytes of the experts hit in both GEMMs at the measured copy "
                  f"bandwidth {rates['copy_bytes_per_s'] / 1e12:.2f} TB/s; frac of floor = max(weight, compute "

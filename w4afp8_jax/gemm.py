@@ -14,6 +14,9 @@ from .weights import W4Weights, unpack_int4, untile_packed
 
 CUDA_GROUP_SIZE = 128
 CUDA_N_ALIGNMENT = 16  # output channels come in tiles of 16 weight rows
+# Mean rows per expert from which fast_accumulation switches to the wgmma kernel (mirrors
+# GroupedGemmDefaultConfig in grouped_gemm.cu).
+CUDA_FAST_ACCUMULATION_ROWS_PER_EXPERT = 64
 
 
 def row_experts(group_offsets: jax.Array, num_rows: int) -> jax.Array:
