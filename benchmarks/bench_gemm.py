@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from w4afp8_jax import grouped_gemm
-from w4afp8_jax import gemm as gemm_module
+from w4afp8_jax.ops import grouped_gemm as gemm_module
 
 PEERS = ("torch bf16", "torch fp8", "ragged_dot")
 

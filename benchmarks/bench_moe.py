@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from w4afp8_jax import deepseek_topk, gather_quantize, grouped_gemm, moe, route
-from w4afp8_jax.gemm import CUDA_FAST_ACCUMULATION_ROWS_PER_EXPERT
+from w4afp8_jax.ops.grouped_gemm import CUDA_FAST_ACCUMULATION_ROWS_PER_EXPERT
 
 PEERS = ("jax ragged_dot", "jax dense", "torch bf16", "torch fp8")
 

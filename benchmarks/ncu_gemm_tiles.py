@@ -32,7 +32,7 @@ GEMMS = {"gemm1": (2 * INTER, HIDDEN), "gemm2": (HIDDEN, INTER)}  # (N, K)
 def launch(args) -> None:
     import w4afp8_jax as w4
     from w4afp8_jax._backend import _w4afp8_cuda
-    from w4afp8_jax.gemm import _grouped_gemm_cuda
+    from w4afp8_jax.ops.grouped_gemm import _grouped_gemm_cuda
 
     w4._backend.resolve("cuda")
     configs = args.configs or list(range(_w4afp8_cuda.grouped_gemm_num_configs()))

@@ -9,7 +9,7 @@ layer's relative error against the unquantized bf16 layer (same routing, f32 mat
 the pure-JAX reference path when it ran on the GPU, and its time.
 
   python examples/deepseek_v3_moe.py [--batch 64] [--experts 256] [--implementation auto]
-                                     [--fast-accumulation]
+                                     [--precision default|highest]
 
 Without a GPU (or without the compiled CUDA module) it runs the reference path; at the
 default batch of 4 that takes about a minute on 2 CPU cores, most of it making the weights.
@@ -45,8 +45,9 @@ def parse_args():
     p.add_argument("--implementation", choices=("auto", "cuda", "reference"), default="auto")
     p.add_argument("--repeats", type=int, default=None, help="timed calls (default: 20 on the GPU path, 3 otherwise)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fast-accumulation", action="store_true",
-                   help="moe(..., fast_accumulation=True): Hopper's inexact fp8 accumulation at >= 64 rows per expert")
+    p.add_argument("--precision", choices=("default", "highest"), default="default",
+                   help="moe(..., precision=...): default lets prefill-sized GEMMs use Hopper's fp8 tensor-core "
+                        "accumulation; highest keeps the exact f32 group sums")
     args = p.parse_args()
     if args.experts < 16 or args.experts % N_GROUP:
         p.error(f"--experts must be a multiple of {N_GROUP} and at least 16 (the router keeps "
@@ -173,13 +174,13 @@ def main() -> None:
     a2_scale = float(h_amax) / 448.0
     del w13_hit, w2_hit
 
-    fast_accumulation = args.fast_accumulation
+    precision = jax.lax.Precision(args.precision)
 
     def layer(x, logits, bias, w13, w2, implementation=impl):
         weights, ids = deepseek_topk(logits, bias)
         return moe(x, ids, weights, w13, w2, a1_scale=a1_scale, a2_scale=a2_scale,
-                   routed_scaling_factor=ROUTED_SCALING_FACTOR, implementation=implementation,
-                   fast_accumulation=fast_accumulation)
+                   routed_scaling_factor=ROUTED_SCALING_FACTOR, precision=precision,
+                   implementation=implementation)
 
     run = jax.jit(layer)
     out = jax.block_until_ready(run(x, logits, bias, w13, w2))

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import w4afp8_jax as w4
-from w4afp8_jax.gemm import _grouped_gemm_cuda
+from w4afp8_jax.ops.grouped_gemm import _grouped_gemm_cuda
 from w4afp8_jax._backend import _w4afp8_cuda
 
 pytestmark = pytest.mark.gpu

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 import w4afp8_jax as w4
-from w4afp8_jax.dispatch import gather_quantize_reference
+from w4afp8_jax.ops.gather_quantize import gather_quantize_reference
 from w4afp8_jax.fp8 import dynamic_scale
-from w4afp8_jax.routing import route_reference
+from w4afp8_jax.ops.route import route_reference
 
 pytestmark = pytest.mark.gpu
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import w4afp8_jax as w4
-from w4afp8_jax.routing import route_reference
+from w4afp8_jax.ops.route import route_reference
 
 pytestmark = pytest.mark.gpu
 

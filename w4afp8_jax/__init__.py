@@ -1,25 +1,26 @@
 """W4AFP8 Mixture-of-Experts for JAX: int4 expert weights (per-128 group scales) times fp8
 activations, with a pure-JAX reference path and CUDA kernels for Hopper GPUs.
 
-The pipeline (SPEC.md section 1) reads like the public names:
+The pipeline (docs/numerics.md) reads like the public names:
 deepseek_topk -> route -> gather_quantize -> grouped_gemm -> silu_mul_quantize -> grouped_gemm
 -> combine; `moe` runs steps 1-6 as one jit-compatible function.
 """
 
-from ._backend import cuda_unavailable_reason
-from .activation import silu_mul_quantize
-from .dispatch import combine, gather_quantize
+from ._backend import GemmConfig, cuda_unavailable_reason, grouped_gemm_configs
 from .expert_parallel import moe_expert_parallel
 from .fp8 import quantize_fp8
-from .gemm import grouped_gemm
 from .moe import moe
-from .router import deepseek_topk
-from .routing import Routing, route
+from .ops.combine import combine
+from .ops.deepseek_topk import deepseek_topk
+from .ops.gather_quantize import gather_quantize
+from .ops.grouped_gemm import grouped_gemm
+from .ops.route import Routing, route
+from .ops.silu_mul_quantize import silu_mul_quantize
 from .weights import W4Weights, pack_int4, quantize_weights, unpack_int4
 
 __all__ = [
-    "Routing", "W4Weights", "combine", "cuda_unavailable_reason", "deepseek_topk", "gather_quantize",
-    "grouped_gemm", "moe", "moe_expert_parallel", "pack_int4", "quantize_fp8", "quantize_weights", "route", "silu_mul_quantize",
-    "unpack_int4",
+    "GemmConfig", "Routing", "W4Weights", "combine", "cuda_unavailable_reason", "deepseek_topk", "gather_quantize",
+    "grouped_gemm", "grouped_gemm_configs", "moe", "moe_expert_parallel", "pack_int4", "quantize_fp8",
+    "quantize_weights", "route", "silu_mul_quantize", "unpack_int4",
 ]
 __version__ = "0.1.0"

@@ -1,8 +1,16 @@
-"""Finds the compiled CUDA module, registers its FFI targets and resolves `implementation`."""
+"""Finds the compiled CUDA module, registers its FFI targets, resolves `implementation`, and
+exports the kernels' sizes and limits to Python.
+
+One list of ops, ffi_cuda/ops.def, names every op's CUDA files, FFI handler and target
+(`w4afp8_<op>`); on the Python side each op is the module w4afp8_jax/ops/<op>.py, and
+registration checks that the two sets are equal.
+"""
 
 from __future__ import annotations
 
 import functools
+import pkgutil
+from typing import NamedTuple
 
 import jax
 
@@ -14,6 +22,59 @@ try:
 except ImportError as err:  # no nvcc at install time, or a source checkout without a build
     _w4afp8_cuda = None
     _IMPORT_ERROR = err
+
+
+class Limits(NamedTuple):
+    """Sizes and limits of the CUDA kernels (ffi_cuda/limits.h)."""
+
+    max_experts: int      # experts per layer the kernels accept
+    group_size: int       # input channels per weight scale
+    row_alignment: int    # a weight matrix's N must be a multiple of this
+
+
+# The documented values, used only when the CUDA module is absent (the reference path needs
+# the same expert limit); with the module built, its own numbers are the truth.
+_DOCUMENTED_LIMITS = Limits(max_experts=1024, group_size=128, row_alignment=16)
+
+
+class GemmConfig(NamedTuple):
+    """One grouped-GEMM kernel configuration (ffi_cuda/grouped_gemm/configs.h)."""
+
+    name: str          # e.g. "stream_32x8": family, weight rows x tokens per work unit
+    family: str        # kernel family: "register", "stream" or "wgmma"
+    exact: bool        # computes the exact f32 sum of every K group
+    rows: int          # weight rows per work unit
+    tokens: int        # tokens per work unit
+
+
+@functools.cache
+def limits() -> Limits:
+    if _w4afp8_cuda is None:
+        return _DOCUMENTED_LIMITS
+    return Limits(**_w4afp8_cuda.limits())
+
+
+@functools.cache
+def grouped_gemm_configs() -> tuple[GemmConfig, ...]:
+    """The grouped GEMM's kernel configurations, by name (empty without the CUDA module)."""
+    if _w4afp8_cuda is None:
+        return ()
+    return tuple(GemmConfig(**c) for c in _w4afp8_cuda.grouped_gemm_configs())
+
+
+def check_gemm_config(arg: str, name: str, *, exact: bool) -> None:
+    by_name = {c.name: c for c in grouped_gemm_configs()}
+    if name not in by_name:
+        raise ValueError(f"{arg} must name a configuration from grouped_gemm_configs() "
+                         f"({', '.join(by_name)}), got {name!r}")
+    if exact and not by_name[name].exact:
+        raise ValueError(f"{arg}={name!r} is not exact (fp8 tensor-core accumulation) but precision asks "
+                         "for the exact f32 group sums; pass precision=jax.lax.Precision.DEFAULT to use it")
+
+
+def route_workspace_elements(num_slots: int, num_experts: int) -> int:
+    """int32 elements of the routing kernels' scratch output (ffi_cuda/route.h)."""
+    return _w4afp8_cuda.route_workspace_elements(num_slots, num_experts)
 
 
 def _gpu_present() -> bool:
@@ -33,10 +94,29 @@ def cuda_unavailable_reason() -> str | None:
     return None
 
 
+TARGET_PREFIX = "w4afp8_"
+
+
+def python_ops() -> set[str]:
+    """The ops with a Python module (w4afp8_jax/ops/<op>.py)."""
+    from . import ops
+    return {m.name for m in pkgutil.iter_modules(ops.__path__)}
+
+
 @functools.cache
 def _register_targets() -> None:
-    for name, capsule in _w4afp8_cuda.registrations().items():
+    targets = _w4afp8_cuda.registrations()
+    cuda_ops = {name.removeprefix(TARGET_PREFIX) for name in targets}
+    if cuda_ops != python_ops():
+        raise RuntimeError(f"the CUDA module's ops {sorted(cuda_ops)} differ from the Python ops "
+                           f"{sorted(python_ops())}: rebuild the module from this source tree")
+    for name, capsule in targets.items():
         jax.ffi.register_ffi_target(name, capsule, platform="CUDA")
+
+
+def ffi_call(op: str, result_shape_dtypes, **kwargs):
+    """jax.ffi.ffi_call of the op's target (targets are registered by `resolve`)."""
+    return jax.ffi.ffi_call(TARGET_PREFIX + op, result_shape_dtypes, vmap_method="sequential", **kwargs)
 
 
 def resolve(implementation: str) -> str:

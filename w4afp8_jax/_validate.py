@@ -12,9 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import _backend
+
 FP8_DTYPE = jnp.float8_e4m3fn
 FP8_MAX = 448.0
-MAX_EXPERTS = 1024
+MAX_EXPERTS = _backend.limits().max_experts
 
 
 def require_rank(name: str, x, rank: int) -> None:

@@ -22,12 +22,12 @@ from jax.sharding import Mesh, PartitionSpec
 
 from . import _backend
 from ._validate import FP8_DTYPE, check_static_scale
-from .activation import kept_silu_mul, silu_mul_quantize
-from .dispatch import combine
+from .ops.silu_mul_quantize import kept_silu_mul, silu_mul_quantize
+from .ops.combine import combine
 from .fp8 import saturate_to_fp8, scale_from_amax
-from .gemm import grouped_gemm
+from .ops.grouped_gemm import grouped_gemm
 from .moe import check_moe_args
-from .routing import DROPPED, route
+from .ops.route import DROPPED, route
 from .weights import W4Weights
 
 

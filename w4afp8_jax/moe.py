@@ -8,10 +8,11 @@ import numpy as np
 
 from . import _backend
 from ._validate import check_static_scale, require_floating, require_integer, require_rank
-from .activation import silu_mul_quantize
-from .dispatch import combine, gather_quantize
-from .gemm import grouped_gemm
-from .routing import route
+from .ops.silu_mul_quantize import silu_mul_quantize
+from .ops.combine import combine
+from .ops.gather_quantize import gather_quantize
+from .ops.grouped_gemm import grouped_gemm
+from .ops.route import route
 from .weights import W4Weights
 
 
@@ -45,16 +46,15 @@ def check_moe_args(x, topk_ids, topk_weights, w13, w2) -> None:
 
 
 def moe(x, topk_ids, topk_weights, w13: W4Weights, w2: W4Weights, *, a1_scale=None, a2_scale=None,
-        routed_scaling_factor: float = 1.0, implementation: str = "auto",
-        fast_accumulation: bool = False) -> jax.Array:
+        routed_scaling_factor: float = 1.0, precision=None, implementation: str = "auto") -> jax.Array:
     """One W4AFP8 MoE feed-forward block: bf16 [M, H].
 
     x: float [M, H]; topk_ids: integer [M, k] (ids outside [0, E) are dropped slots);
     topk_weights: float [M, k]; w13: W4Weights [E, 2I, H] (gate rows, then up rows);
     w2: W4Weights [E, H, I]. a1_scale / a2_scale: static per-tensor activation scales of the
     two GEMM inputs, or None for dynamic per-tensor scales computed on the device.
-    fast_accumulation: let the GEMMs use Hopper's fp8 tensor-core accumulation at prefill
-    sizes (see `grouped_gemm`); off by default, the exact math.
+    precision: None / DEFAULT lets the GEMMs use Hopper's fp8 tensor-core accumulation where it
+    is faster; HIGHEST keeps the exact f32 sum of every K group (see `grouped_gemm`).
     """
     check_moe_args(x, topk_ids, topk_weights, w13, w2)
     a1_scale = check_static_scale("a1_scale", a1_scale)
@@ -62,7 +62,7 @@ def moe(x, topk_ids, topk_weights, w13: W4Weights, w2: W4Weights, *, a1_scale=No
     impl = _backend.resolve(implementation)
     routing = route(topk_ids, w13.num_experts, implementation=impl)
     q1, s1 = gather_quantize(x, routing.positions, a1_scale, implementation=impl)
-    c1 = grouped_gemm(q1, s1, w13, routing.group_offsets, implementation=impl, fast_accumulation=fast_accumulation)
+    c1 = grouped_gemm(q1, s1, w13, routing.group_offsets, precision=precision, implementation=impl)
     q2, s2 = silu_mul_quantize(c1, routing.group_offsets, a2_scale, implementation=impl)
-    c2 = grouped_gemm(q2, s2, w2, routing.group_offsets, implementation=impl, fast_accumulation=fast_accumulation)
+    c2 = grouped_gemm(q2, s2, w2, routing.group_offsets, precision=precision, implementation=impl)
     return combine(c2, routing.positions, jnp.asarray(topk_weights), routed_scaling_factor, implementation=impl)

@@ -8,15 +8,32 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _backend
-from ._validate import FP8_DTYPE, check_static_scale, require_dtype, require_integer, require_rank
-from .weights import W4Weights, unpack_int4, untile_packed
+from .. import _backend
+from .._validate import FP8_DTYPE, check_static_scale, require_dtype, require_integer, require_rank
+from ..weights import W4Weights, unpack_int4, untile_packed
 
-CUDA_GROUP_SIZE = 128
-CUDA_N_ALIGNMENT = 16  # output channels come in tiles of 16 weight rows
-# Mean rows per expert from which fast_accumulation switches to the wgmma kernel (mirrors
-# GroupedGemmDefaultConfig in grouped_gemm.cu).
-CUDA_FAST_ACCUMULATION_ROWS_PER_EXPERT = 64
+
+
+def is_exact(precision) -> bool:
+    """Whether `precision` asks for the exact f32 sum of every K group (docs/numerics.md).
+
+    precision: None or jax.lax.Precision.DEFAULT (or "default", "fastest"): the fastest kernel
+    may run, fp8 tensor-core (wgmma) sums inside each 128-wide K group promoted to f32 with the
+    group scale, as the seed, DeepGEMM and TensorRT-LLM compute; HIGH or HIGHEST (or their
+    strings): the exact f32 sum of every group. As in jax.lax dots, a (lhs, rhs) pair is
+    accepted when both entries agree.
+    """
+    if isinstance(precision, tuple):
+        if len(precision) != 2 or is_exact(precision[0]) != is_exact(precision[1]):
+            raise ValueError(f"precision pair must name the same precision twice, got {precision!r}")
+        return is_exact(precision[0])
+    if precision is None:
+        return False
+    try:
+        value = jax.lax.Precision(precision)
+    except (TypeError, ValueError):
+        raise ValueError(f"precision must be None, a jax.lax.Precision or its name, got {precision!r}") from None
+    return value != jax.lax.Precision.DEFAULT
 
 
 def row_experts(group_offsets: jax.Array, num_rows: int) -> jax.Array:
@@ -84,14 +101,18 @@ def grouped_gemm_reference(lhs: jax.Array, lhs_scale: jax.Array, rhs: W4Weights,
     return (out[:num_rows] * lhs_scale).astype(jnp.bfloat16)
 
 
-def _grouped_gemm_cuda(lhs, lhs_scale, rhs: W4Weights, group_offsets, config: int = -1,
-                       fast_accumulation: bool = False) -> jax.Array:
-    """config picks a tile shape from the kernel's table (benchmarks sweep it); -1 lets the
-    kernel choose from the static sizes (the wgmma one only with fast_accumulation)."""
+def _grouped_gemm_cuda(lhs, lhs_scale, rhs: W4Weights, group_offsets, *, exact: bool,
+                       config: str | None = None) -> jax.Array:
     out_type = jax.ShapeDtypeStruct((lhs.shape[0], rhs.out_features), jnp.bfloat16)
-    return jax.ffi.ffi_call("w4afp8_grouped_gemm", out_type, vmap_method="sequential")(
-        lhs, jnp.reshape(lhs_scale, (1,)), rhs.packed, rhs.scales, group_offsets, config=np.int32(config),
-        tiled_layout=np.int32(rhs.layout == "tiled"), fast_accumulation=np.int32(bool(fast_accumulation)))
+    return _backend.ffi_call("grouped_gemm", out_type)(
+        lhs,                                # fp8 [R, K], rows in expert order
+        jnp.reshape(lhs_scale, (1,)),       # f32 [1]
+        rhs.packed,                         # uint8 [E, N, K/2]
+        rhs.scales,                         # f32 [E, N, K/128]
+        group_offsets,                      # int32 [E+1]
+        config=config or "",                # a name from grouped_gemm_configs(); "" = heuristic
+        tiled_layout=rhs.layout == "tiled",
+        exact=bool(exact))
 
 
 def check_grouped_gemm_args(lhs, rhs, group_offsets) -> None:
@@ -108,31 +129,40 @@ def check_grouped_gemm_args(lhs, rhs, group_offsets) -> None:
                          f"got {np.shape(group_offsets)[0]}")
 
 
-def grouped_gemm(lhs, lhs_scale, rhs: W4Weights, group_offsets, *, implementation: str = "auto",
-                 fast_accumulation: bool = False) -> jax.Array:
+def grouped_gemm(lhs, lhs_scale, rhs: W4Weights, group_offsets, *, precision=None,
+                 implementation: str = "auto", config: str | None = None) -> jax.Array:
     """bf16 [R, N]: rows group_offsets[e]..group_offsets[e+1] of fp8 lhs [R, K] times expert
-    e's int4 weights, as SPEC.md step 3. Rows at or past group_offsets[E] come out as zeros.
+    e's int4 weights (docs/numerics.md, steps 3 and 5). Rows at or past group_offsets[E] come out as zeros.
 
     group_offsets must be non-decreasing with group_offsets[0] = 0 and group_offsets[E] <= R
     (as `route` produces); the CUDA kernel clamps offsets into [0, R] so bad offsets can never
     make it read or write out of bounds.
 
-    fast_accumulation=True lets the CUDA path use Hopper's fp8 wgmma tensor cores when experts
-    average 64 rows or more (prefill): 2.4-3.3x faster there, but wgmma adds the 32 products of
-    each instruction with about 14 bits of alignment precision: normwise error ~1e-3 against
-    the f32 math, single outputs off by up to ~15% of the output RMS where an activation
-    outlier shares a K slice with ordinary values (docs/performance.md). The reference path
-    ignores it.
+    precision (see `is_exact`): DEFAULT lets the CUDA path use Hopper's fp8 wgmma tensor cores
+    when experts average enough rows (prefill); wgmma adds the products of one K = 32
+    instruction with about 14 bits of alignment precision, so the result differs from the
+    exact f32 group sums by a normwise ~1e-3 (docs/numerics.md). HIGHEST guarantees the exact
+    f32 per-group math. The reference path always computes the exact math.
+
+    config: the name of a CUDA kernel configuration from `w4afp8_jax.grouped_gemm_configs()`
+    to force (tuning and benchmarks); None lets the heuristic choose from the static sizes.
+    Forcing an inexact configuration with an exact precision raises. Ignored by the
+    reference path.
     """
     check_grouped_gemm_args(lhs, rhs, group_offsets)
+    exact = is_exact(precision)
     if lhs_scale is None:
         raise ValueError("lhs_scale is required (the f32 scale lhs was quantized with)")
     scale = check_static_scale("lhs_scale", lhs_scale)
     lhs, group_offsets = jnp.asarray(lhs), jnp.asarray(group_offsets).astype(jnp.int32)
     if _backend.resolve(implementation) == "cuda":
-        if rhs.group_size != CUDA_GROUP_SIZE:
-            raise ValueError(f"rhs.group_size must be {CUDA_GROUP_SIZE} on the CUDA path, got {rhs.group_size}")
-        if rhs.out_features % CUDA_N_ALIGNMENT:
-            raise ValueError(f"rhs: N = {rhs.out_features} must be a multiple of {CUDA_N_ALIGNMENT} on the CUDA path")
-        return _grouped_gemm_cuda(lhs, scale, rhs, group_offsets, fast_accumulation=fast_accumulation)
+        limits = _backend.limits()
+        if rhs.group_size != limits.group_size:
+            raise ValueError(f"rhs.group_size must be {limits.group_size} on the CUDA path, got {rhs.group_size}")
+        if rhs.out_features % limits.row_alignment:
+            raise ValueError(f"rhs: N = {rhs.out_features} must be a multiple of {limits.row_alignment} "
+                             "on the CUDA path")
+        if config is not None:
+            _backend.check_gemm_config("config", config, exact=exact)
+        return _grouped_gemm_cuda(lhs, scale, rhs, group_offsets, exact=exact, config=config)
     return grouped_gemm_reference(lhs, scale, rhs, group_offsets)

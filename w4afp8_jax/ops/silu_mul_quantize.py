@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _backend
-from ._validate import FP8_DTYPE, check_static_scale, require_dtype, require_integer, require_rank
-from .fp8 import dynamic_scale, saturate_to_fp8
+from .. import _backend
+from .._validate import FP8_DTYPE, check_static_scale, require_dtype, require_integer, require_rank
+from ..fp8 import dynamic_scale, saturate_to_fp8
 
 
 def silu_mul(c1: jax.Array) -> jax.Array:
@@ -37,7 +37,7 @@ def silu_mul_quantize_reference(c1: jax.Array, group_offsets: jax.Array, scale: 
 
 def _silu_mul_quantize_cuda(c1, group_offsets, scale) -> jax.Array:
     out_type = jax.ShapeDtypeStruct((c1.shape[0], c1.shape[1] // 2), FP8_DTYPE)
-    return jax.ffi.ffi_call("w4afp8_silu_mul_quantize", out_type, vmap_method="sequential")(
+    return _backend.ffi_call("silu_mul_quantize", out_type)(
         c1, group_offsets, jnp.reshape(scale, (1,)))
 
 

@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _backend
-from ._validate import require_integer, require_num_experts, require_rank
+from .. import _backend
+from .._validate import require_integer, require_num_experts, require_rank
 
 DROPPED = -1  # position of a slot whose expert id is outside [0, E)
 
@@ -43,18 +43,6 @@ def route_reference(topk_ids: jax.Array, num_experts: int) -> Routing:
     return Routing(rows_per_expert, group_offsets, positions)
 
 
-# Mirrors kRouteTile / kRouteSingleBlockMax in ffi_cuda/route.h (the handler checks the size).
-_ROUTE_TILE = 4096
-_ROUTE_SINGLE_BLOCK_MAX = 4096
-
-
-def _route_workspace_elements(num_slots: int, num_experts: int) -> int:
-    """int32 scratch of the multi-block kernels: one count per (tile, expert); none for one block."""
-    if num_slots <= _ROUTE_SINGLE_BLOCK_MAX:
-        return 1  # unused; keeps the buffer non-empty
-    return num_experts * -(-num_slots // _ROUTE_TILE)
-
-
 def _route_cuda(topk_ids: jax.Array, num_experts: int) -> Routing:
     m, k = topk_ids.shape
     ids = topk_ids if topk_ids.dtype == jnp.int32 else clamp_ids(topk_ids, num_experts)
@@ -62,9 +50,9 @@ def _route_cuda(topk_ids: jax.Array, num_experts: int) -> Routing:
         jax.ShapeDtypeStruct((num_experts,), jnp.int32),
         jax.ShapeDtypeStruct((num_experts + 1,), jnp.int32),
         jax.ShapeDtypeStruct((m, k), jnp.int32),
-        jax.ShapeDtypeStruct((_route_workspace_elements(m * k, num_experts),), jnp.int32),
+        jax.ShapeDtypeStruct((_backend.route_workspace_elements(m * k, num_experts),), jnp.int32),
     )
-    rows, offsets, positions, _ = jax.ffi.ffi_call("w4afp8_route", out_types, vmap_method="sequential")(
+    rows, offsets, positions, _ = _backend.ffi_call("route", out_types)(
         ids, num_experts=np.int32(num_experts))
     return Routing(rows, offsets, positions)
 

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._validate import require_floating, require_rank
+from .._validate import require_floating, require_rank
 
 
 def deepseek_topk(logits, bias, *, top_k: int = 8, n_group: int = 8, topk_group: int = 4,
