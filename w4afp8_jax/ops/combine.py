@@ -11,13 +11,19 @@ from .._validate import require_dtype, require_floating, require_rank
 from .gather_quantize import check_positions
 
 
-def combine_reference(rows: jax.Array, positions: jax.Array, topk_weights: jax.Array,
-                      routed_scaling_factor: float) -> jax.Array:
+def combine_f32(rows: jax.Array, positions: jax.Array, topk_weights: jax.Array,
+                routed_scaling_factor: float) -> jax.Array:
+    """combine's f32 sums before the bf16 rounding (the multi-GPU layers add partial sums)."""
     kept = (positions >= 0) & (positions < rows.shape[0])
     gathered = rows[jnp.where(kept, positions, 0)].astype(jnp.float32)  # [M, k, H]
     weights = jnp.where(kept, topk_weights.astype(jnp.float32), 0.0)
     acc = jnp.sum(gathered * weights[..., None], axis=1)
-    return (acc * jnp.float32(routed_scaling_factor)).astype(jnp.bfloat16)
+    return acc * jnp.float32(routed_scaling_factor)
+
+
+def combine_reference(rows: jax.Array, positions: jax.Array, topk_weights: jax.Array,
+                      routed_scaling_factor: float) -> jax.Array:
+    return combine_f32(rows, positions, topk_weights, routed_scaling_factor).astype(jnp.bfloat16)
 
 
 def _combine_cuda(rows, positions, topk_weights, routed_scaling_factor: float) -> jax.Array:
