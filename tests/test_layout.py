@@ -48,3 +48,10 @@ def test_tiled_layout_needs_whole_tiles(rng):
         w4.W4Weights(jnp.zeros((1, 8, 64), jnp.uint8), jnp.ones((1, 8, 1), jnp.float32), 128, "tiled")
     with pytest.raises(ValueError, match="layout"):
         w4.W4Weights(jnp.zeros((1, 16, 64), jnp.uint8), jnp.ones((1, 16, 1), jnp.float32), 128, "rowmajor")
+
+
+def test_prepare_says_what_the_tiled_layout_needs():
+    with pytest.raises(ValueError, match=r"the tiled layout needs N % 16 == 0 and group_size 128, got N = 8"):
+        w4.quantize_weights(np.ones((1, 8, 128), np.float32)).prepare()
+    with pytest.raises(ValueError, match=r"needs N % 16 == 0 and group_size 128, got N = 16, group_size = 64"):
+        w4.quantize_weights(np.ones((1, 16, 128), np.float32), group_size=64).prepare()

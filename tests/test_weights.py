@@ -171,3 +171,54 @@ def test_quantize_weights_zero_group_and_bf16_input(rng):
     assert np.all(q[1, 2, 128:] == 0)
     w32 = w.astype(np.float32).reshape(2, 3, 2, 128)
     np.testing.assert_array_equal(scales[scales != 1.0], (np.abs(w32).max(-1) / np.float32(7))[scales != 1.0])
+
+
+# ------------------------------------------------------------------------------------------
+# host (numpy) arrays
+# ------------------------------------------------------------------------------------------
+def test_host_arrays_stay_on_the_host_and_convert_there(rng, tmp_path):
+    packed, scales = random_weights(rng, 2, 16, 256, scale_dtype=ml_dtypes.bfloat16)
+    path = tmp_path / "packed.bin"
+    packed.view(np.int8).tofile(path)
+    mapped = np.memmap(path, np.int8, "r", shape=packed.shape)  # as a safetensors/np.load mmap gives
+    w = w4.W4Weights(mapped, scales)
+    assert isinstance(w.packed, np.ndarray) and w.packed.dtype == np.uint8
+    assert isinstance(w.packed, np.memmap)  # a view, nothing was read or copied
+    assert isinstance(w.scales, np.ndarray) and w.scales.dtype == np.float32
+    np.testing.assert_array_equal(w.packed, packed)
+    np.testing.assert_array_equal(w.scales, scales.astype(np.float32))
+
+
+def test_host_weights_work_under_jit_closed_over_and_as_arguments(rng):
+    # int8 packing and bf16 scales from the host: both need conversion, both must stay traceable.
+    e, h, inter, m = 4, 256, 128, 3
+    p13, s13 = random_weights(rng, e, 2 * inter, h, scale_dtype=ml_dtypes.bfloat16)
+    p2, s2 = random_weights(rng, e, h, inter)
+    host = (w4.W4Weights(p13.view(np.int8), s13), w4.W4Weights(p2, s2))
+    device = tuple(jax.tree.map(jnp.asarray, w) for w in host)
+    x = jnp.asarray(rng.standard_normal((m, h)), jnp.bfloat16)
+    ids = jnp.asarray(np.stack([rng.choice(e, 2, replace=False) for _ in range(m)]).astype(np.int32))
+    tw = jnp.full((m, 2), 0.5, jnp.float32)
+
+    def layer(x, w13, w2):
+        return w4.moe(x, ids, tw, w13, w2, a1_scale=0.01, a2_scale=0.02, implementation="reference")
+
+    want = np.asarray(jax.jit(layer)(x, *device).astype(jnp.float32))
+    assert np.any(want != 0)
+    closed = jax.jit(lambda x: layer(x, *host))(x)
+    np.testing.assert_array_equal(np.asarray(closed.astype(jnp.float32)), want)
+    tiled = tuple(w.prepare() for w in host)  # permuted on the host, still numpy
+    assert all(isinstance(w.packed, np.ndarray) for w in tiled)
+    passed = jax.jit(layer)(x, *tiled)
+    np.testing.assert_array_equal(np.asarray(passed.astype(jnp.float32)), want)
+
+
+def test_int8_tracer_is_bitcast_not_converted_to_numpy(rng):
+    packed, scales = random_weights(rng, 2, 4, 256)
+
+    @jax.jit
+    def build(p, s):
+        return w4.W4Weights(p, s).dequantize()
+
+    got = build(jnp.asarray(packed.view(np.int8)), jnp.asarray(scales.astype(ml_dtypes.bfloat16)))
+    np.testing.assert_array_equal(got, ref.dequantize(packed, scales.astype(ml_dtypes.bfloat16).astype(np.float32), 128))

@@ -37,8 +37,28 @@ def unpack_int4(packed: jax.Array) -> jax.Array:
     return signed.reshape(*packed.shape[:-1], packed.shape[-1] * 2)
 
 
+def _xp(x):
+    """numpy for host (numpy) arrays, so they stay on the host; jax.numpy for everything else
+    (device arrays and tracers, which must never be converted to numpy)."""
+    return np if isinstance(x, np.ndarray) else jnp
+
+
+def check_tiled_shape(n: int, group_size: int) -> None:
+    """The tiled layout's unit is 16 rows x one 128-wide K group."""
+    if n % TILE_ROWS or group_size != TILE_GROUP:
+        raise ValueError(f"the tiled layout needs N % {TILE_ROWS} == 0 and group_size {TILE_GROUP}, "
+                         f"got N = {n}, group_size = {group_size}")
+
+
+def _check_whole_blocks(n: int, half_k: int) -> None:
+    if n % TILE_ROWS or half_k % (TILE_GROUP // 2):
+        raise ValueError(f"packed: the tiled layout needs N % {TILE_ROWS} == 0 and K % {TILE_GROUP} == 0, "
+                         f"got N = {n}, K = {2 * half_k}")
+
+
 def tile_packed(packed: jax.Array) -> jax.Array:
-    """Checkpoint order [..., N, K/2] -> the tiled order the CUDA kernels stream.
+    """Checkpoint order [..., N, K/2] -> the tiled order the CUDA kernels stream (numpy in,
+    numpy out: host arrays are permuted on the host).
 
     Each (16-row tile, 128-wide K group) becomes one contiguous 1 KiB block, tiles then groups
     in order; inside a block, byte b of the 16-byte chunk t (K elements [32t, 32t+32) of the
@@ -46,19 +66,21 @@ def tile_packed(packed: jax.Array) -> jax.Array:
     for rows g and g + 8, so a warp reads each block as two fully coalesced 512-byte loads.
     """
     *lead, n, half_k = packed.shape
+    _check_whole_blocks(n, half_k)
     blocks = packed.reshape(*lead, n // TILE_ROWS, 2, 8, half_k // 64, 4, 16)
     d = len(lead)
     order = [*range(d), d, d + 3, d + 1, d + 2, d + 4, d + 5]
-    return jnp.transpose(blocks, order).reshape(*lead, n, half_k)
+    return _xp(packed).transpose(blocks, order).reshape(*lead, n, half_k)
 
 
 def untile_packed(packed: jax.Array) -> jax.Array:
     """Inverse of `tile_packed`."""
     *lead, n, half_k = packed.shape
+    _check_whole_blocks(n, half_k)
     blocks = packed.reshape(*lead, n // TILE_ROWS, half_k // 64, 2, 8, 4, 16)
     d = len(lead)
     order = [*range(d), d, d + 2, d + 3, d + 1, d + 4, d + 5]
-    return jnp.transpose(blocks, order).reshape(*lead, n, half_k)
+    return _xp(packed).transpose(blocks, order).reshape(*lead, n, half_k)
 
 
 def _is_array_like(x) -> bool:
@@ -69,13 +91,25 @@ def _is_array_like(x) -> bool:
 class W4Weights:
     """Per-expert int4 weights, expert axis leading so the arrays shard along experts.
 
-    packed: uint8 [E, N, K//2], two signed int4 per byte, element 2i in the low nibble.
+    packed: uint8 [..., E, N, K//2], two signed int4 per byte, element 2i in the low nibble.
         A checkpoint's int8 packing is accepted and reinterpreted bit for bit.
-    scales: float32 [E, N, K//group_size]; dequantized weight = int4 * scale. bf16 or f16
+    scales: float32 [..., E, N, K//group_size]; dequantized weight = int4 * scale. bf16 or f16
         checkpoint scales are widened to f32 (exactly).
     group_size: static; input channels per scale (128 for W4AFP8 checkpoints).
+    layout: static; "checkpoint" (the packing above) or "tiled" (see `prepare`).
 
-    Row n of expert e computes output channel n from the K input channels.
+    Row n of expert e computes output channel n from the K input channels: the weights are
+    stored N-major ([E, N, K], as checkpoints store them), not [E, K, N] like the rhs of
+    jax.lax.ragged_dot.
+
+    Leading axes (e.g. a layer axis [L, E, N, K//2]) are batch axes: `jax.tree.map(jnp.stack,
+    *per_layer)` builds them, and `jax.lax.scan` or `jax.vmap` over the weights peels them off.
+    The ops (`grouped_gemm`, `moe`, ...) take exactly one [E, N, K//2] set per call.
+
+    Host arrays: numpy inputs (np.load, jax.device_get, a safetensors reader; memory-mapped
+    arrays included) stay numpy, converted on the host (int8 viewed as uint8, scales widened),
+    so building W4Weights allocates no device memory; `jax.device_put(w, sharding)` places
+    them, and the ops accept them as they are, under jit too (closed over or as arguments).
     """
 
     packed: jax.Array
@@ -93,45 +127,51 @@ class W4Weights:
         if not (_is_array_like(self.packed) and _is_array_like(self.scales)):
             return
         packed, scales = self.packed, self.scales
-        if packed.ndim != 3:
-            raise ValueError(f"packed must be [E, N, K//2], got shape {tuple(packed.shape)}")
-        if packed.dtype == jnp.int8:
-            packed = jax.lax.bitcast_convert_type(jnp.asarray(packed), jnp.uint8)
-        elif packed.dtype != jnp.uint8:
+        if packed.ndim < 3:
+            raise ValueError(f"packed must be [..., E, N, K//2], got shape {tuple(packed.shape)}")
+        if packed.dtype == np.int8:
+            packed = (packed.view(np.uint8) if isinstance(packed, np.ndarray)
+                      else jax.lax.bitcast_convert_type(packed, jnp.uint8))
+        elif packed.dtype != np.uint8:
             raise TypeError(f"packed must be uint8 (or a checkpoint's int8), got {packed.dtype}")
-        if scales.ndim != 3:
-            raise ValueError(f"scales must be [E, N, K//group_size], got shape {tuple(scales.shape)}")
         if not jnp.issubdtype(scales.dtype, jnp.floating):
             raise TypeError(f"scales must be floating point, got {scales.dtype}")
-        if scales.dtype != jnp.float32:
-            scales = jnp.asarray(scales).astype(jnp.float32)
-        e, n, half_k = packed.shape
+        if scales.dtype != np.float32:
+            scales = scales.astype(np.float32) if isinstance(scales, np.ndarray) else jnp.asarray(scales, jnp.float32)
+        *lead, e, n, half_k = packed.shape
         k = 2 * half_k
         if k == 0 or k % gs:
             raise ValueError(f"packed: K = {k} must be a positive multiple of group_size = {gs}")
-        if scales.shape != (e, n, k // gs):
+        if tuple(scales.shape) != (*lead, e, n, k // gs):
             raise ValueError(
-                f"scales must have shape {(e, n, k // gs)} to match packed {tuple(packed.shape)} "
+                f"scales must have shape {(*lead, e, n, k // gs)} to match packed {tuple(packed.shape)} "
                 f"and group_size {gs}, got {tuple(scales.shape)}")
         if not 1 <= e <= MAX_EXPERTS:
             raise ValueError(f"packed: number of experts must be in [1, {MAX_EXPERTS}], got {e}")
-        if self.layout == "tiled" and (n % TILE_ROWS or gs != TILE_GROUP):
-            raise ValueError(f"the tiled layout needs N % {TILE_ROWS} == 0 and group_size {TILE_GROUP}, "
-                             f"got N = {n}, group_size = {gs}")
+        if self.layout == "tiled":
+            check_tiled_shape(n, gs)
         object.__setattr__(self, "packed", packed)
         object.__setattr__(self, "scales", scales)
 
+    def __repr__(self) -> str:
+        def describe(x):
+            if _is_array_like(x):
+                return f"{np.dtype(x.dtype).name}{list(x.shape)}"
+            return repr(x)
+        return (f"W4Weights(packed={describe(self.packed)}, scales={describe(self.scales)}, "
+                f"group_size={self.group_size}, layout={self.layout!r})")
+
     @property
     def num_experts(self) -> int:
-        return self.packed.shape[0]
+        return self.packed.shape[-3]
 
     @property
     def out_features(self) -> int:
-        return self.packed.shape[1]
+        return self.packed.shape[-2]
 
     @property
     def in_features(self) -> int:
-        return 2 * self.packed.shape[2]
+        return 2 * self.packed.shape[-1]
 
     def checkpoint_packed(self) -> jax.Array:
         """packed in checkpoint order (two int4 per byte, K contiguous per row)."""
@@ -139,22 +179,23 @@ class W4Weights:
 
     def prepare(self) -> "W4Weights":
         """The same weights in the tiled layout the CUDA kernels read fastest (one transpose,
-        done once; the math, `dequantize()` included, is unchanged). Needs N % 16 == 0 and
-        group_size 128."""
+        done once; numpy weights are permuted on the host; the math, `dequantize()` included,
+        is unchanged). Raises ValueError unless N % 16 == 0 and group_size == 128."""
         if self.layout == "tiled":
             return self
+        check_tiled_shape(self.out_features, self.group_size)
         return W4Weights(tile_packed(self.packed), self.scales, self.group_size, "tiled")
 
     def int4_values(self) -> jax.Array:
-        """int8 [E, N, K] holding the int4 values."""
+        """int8 [..., E, N, K] holding the int4 values."""
         return unpack_int4(self.checkpoint_packed())
 
     def dequantize(self) -> jax.Array:
-        """float32 [E, N, K]: int4 value times its group's scale."""
+        """float32 [..., E, N, K]: int4 value times its group's scale."""
         values = self.int4_values().astype(jnp.float32)
-        e, n, k = values.shape
-        grouped = values.reshape(e, n, k // self.group_size, self.group_size)
-        return (grouped * self.scales[..., None]).reshape(e, n, k)
+        *lead, k = values.shape
+        grouped = values.reshape(*lead, k // self.group_size, self.group_size)
+        return (grouped * jnp.asarray(self.scales)[..., None]).reshape(*lead, k)
 
 
 jax.tree_util.register_dataclass(W4Weights, data_fields=["packed", "scales"], meta_fields=["group_size", "layout"])
