@@ -1,10 +1,11 @@
-// Shared aliases and error helpers for the FFI handlers. Kernels never include this file:
-// they take raw pointers and sizes (see the per-op headers).
+// Shared aliases and checks for the FFI handlers. Kernels never include this file: they take
+// raw pointers and sizes (see the per-op headers).
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <string>
 
 #include "xla/ffi/api/ffi.h"
@@ -25,29 +26,48 @@ using S32Vector = ffi::Buffer<ffi::S32, 1>;
 using U8Tensor3 = ffi::Buffer<ffi::U8, 3>;
 using F32Tensor3 = ffi::Buffer<ffi::F32, 3>;
 using Bf16MatrixOut = ffi::ResultBuffer<ffi::BF16, 2>;
+// fp8 buffers arrive untyped (the FFI API maps no C++ type to F8E4M3FN); CheckFp8 checks them.
+using AnyOut = ffi::Result<ffi::AnyBuffer>;
 using S32MatrixOut = ffi::ResultBuffer<ffi::S32, 2>;
 using S32VectorOut = ffi::ResultBuffer<ffi::S32, 1>;
-using AnyOut = ffi::Result<ffi::AnyBuffer>;
 
 inline ffi::Error InvalidArgument(const std::string& what) {
   return ffi::Error(ffi::ErrorCode::kInvalidArgument, what);
 }
 
-inline ffi::Error RequireType(const ffi::AnyBuffer& buffer, ffi::DataType type, const char* name) {
-  if (buffer.element_type() != type) return InvalidArgument(std::string(name) + ": unexpected element type");
-  return ffi::Error::Success();
+inline std::string FormatShape(ffi::Span<const int64_t> dims) {
+  std::string s = "[";
+  for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
+  return s + "]";
 }
 
-inline ffi::Error RequireRank(const ffi::AnyBuffer& buffer, size_t rank, const char* name) {
-  if (buffer.dimensions().size() != rank) return InvalidArgument(std::string(name) + ": unexpected rank");
-  return ffi::Error::Success();
+// One shape check for every handler: `expected` lists the dimensions, -1 for "any". The message
+// names the Python function and the argument, and gives both shapes:
+//   "w4afp8_jax.grouped_gemm: scales must have shape [256, 1024, 56], got [256, 1024, 28]".
+inline ffi::Error CheckShape(const char* function, const char* arg, ffi::Span<const int64_t> dims,
+                             std::initializer_list<int64_t> expected) {
+  bool ok = dims.size() == expected.size();
+  for (size_t i = 0; ok && i < dims.size(); ++i) ok = expected.begin()[i] < 0 || expected.begin()[i] == dims[i];
+  if (ok) return ffi::Error::Success();
+  std::string want = "[";
+  for (size_t i = 0; i < expected.size(); ++i) {
+    const int64_t d = expected.begin()[i];
+    want += (i ? ", " : "") + (d < 0 ? std::string("*") : std::to_string(d));
+  }
+  return InvalidArgument(std::string("w4afp8_jax.") + function + ": " + arg + " must have shape " + want +
+                         "], got " + FormatShape(dims));
+}
+
+inline ffi::Error CheckFp8(const char* function, const char* arg, const ffi::AnyBuffer& buffer) {
+  if (buffer.element_type() == ffi::DataType::F8E4M3FN) return ffi::Error::Success();
+  return InvalidArgument(std::string("w4afp8_jax.") + function + ": " + arg + " must be float8_e4m3fn");
 }
 
 // Launch errors are reported through the FFI instead of being lost.
-inline ffi::Error LaunchStatus(cudaError_t status, const char* kernel) {
+inline ffi::Error LaunchStatus(cudaError_t status, const char* function) {
   if (status == cudaSuccess) status = cudaGetLastError();
   if (status != cudaSuccess) {
-    return ffi::Error(ffi::ErrorCode::kInternal, std::string(kernel) + ": " + cudaGetErrorString(status));
+    return ffi::Error(ffi::ErrorCode::kInternal, std::string("w4afp8_jax.") + function + ": " + cudaGetErrorString(status));
   }
   return ffi::Error::Success();
 }

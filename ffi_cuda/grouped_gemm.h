@@ -1,19 +1,20 @@
 // Steps 3 and 5: grouped GEMM of fp8 e4m3 rows by int4 weights with one f32 scale per 128
 // input channels, bf16 out. For expert e, rows offsets[e]..offsets[e+1] of lhs use weights e:
 //   out[r, n] = lhs_scale * sum_g scales[e, n, g] * sum_{k in g} lhs[r, k] * w[e, n, k]
-// Rows at or past offsets[E] are written as zeros. Offsets are read on the device only.
+// Offsets are read on the device only, clamped into [0, rows] and made non-decreasing (a
+// running maximum), so any offsets stay in bounds; rows outside [offsets[0], offsets[E]) are
+// written as zeros.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <string>
+#include <string_view>
+#include <vector>
 
 namespace w4afp8 {
-
-constexpr int kGemmGroupSize = 128;
-constexpr int kGemmRowAlignment = 16;  // n must be a multiple of this
-constexpr int kGemmMaxExperts = 1024;
 
 struct GroupedGemmArgs {
   const uint8_t* lhs;        // fp8 e4m3 [rows, k]
@@ -23,7 +24,7 @@ struct GroupedGemmArgs {
   // 128-wide group), laid out as the MMA lanes read it (see tile_packed in weights.py).
   const uint8_t* packed;
   const float* scales;       // [experts, n, k / 128]
-  const int32_t* offsets;    // [experts + 1]; clamped to [0, rows] on the device
+  const int32_t* offsets;    // [experts + 1]
   __nv_bfloat16* out;        // [rows, n]
   int64_t rows;
   int64_t n;
@@ -32,19 +33,27 @@ struct GroupedGemmArgs {
   bool tiled_weights;
 };
 
-// Number of kernel configurations (tile shapes); see grouped_gemm.cu for the table.
-int GroupedGemmNumConfigs();
+// One kernel configuration (a kernel family and its tile shape), by name, e.g.
+// "stream_32x8_s6": the streaming family, 32 weight rows x 8 tokens per unit, 6 stages.
+struct GroupedGemmConfig {
+  std::string name;
+  const char* family;  // "register", "stream" or "wgmma"
+  bool exact;          // the exact f32 sum of every K group (wgmma's fp8 accumulation is not)
+  int rows;            // weight rows per work unit
+  int tokens;          // tokens per work unit
+};
 
-// Whether a configuration computes the exact math above (f32 sums of each K group). The wgmma
-// configuration does not: Hopper's fp8 tensor cores add the products of one instruction with
-// about 14 bits of alignment precision ("fast accumulation").
-bool GroupedGemmConfigIsExact(int config);
+const std::vector<GroupedGemmConfig>& GroupedGemmConfigs();
 
-// The configuration the dispatcher picks for these static sizes (the data never matters);
-// fast_accumulation allows the inexact wgmma configuration.
-int GroupedGemmDefaultConfig(int64_t rows, int64_t n, int64_t k, int64_t experts, bool fast_accumulation);
+// Index of the configuration with this name, or -1.
+int FindGroupedGemmConfig(std::string_view name);
 
-// config < 0 picks the default. Requires k % 128 == 0, n % 16 == 0, 1 <= experts <= 1024.
-cudaError_t LaunchGroupedGemm(const GroupedGemmArgs& args, int config, bool fast_accumulation, cudaStream_t stream);
+// The configuration the heuristic picks for these static sizes (the routing never matters);
+// exact = false allows the inexact wgmma configuration.
+int GroupedGemmDefaultConfig(int64_t rows, int64_t n, int64_t k, int64_t experts, bool exact);
+
+// Requires k % kGroupSize == 0, n % kRowAlignment == 0, 1 <= experts <= kMaxExperts and a
+// valid config index.
+cudaError_t LaunchGroupedGemm(const GroupedGemmArgs& args, int config, cudaStream_t stream);
 
 }  // namespace w4afp8

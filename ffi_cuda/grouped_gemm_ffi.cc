@@ -1,60 +1,68 @@
-// FFI handler for w4afp8_grouped_gemm: shape checks, then LaunchGroupedGemm.
+// FFI handler for w4afp8_grouped_gemm: checks shapes, resolves the configuration, then
+// LaunchGroupedGemm.
 #include "ffi_common.h"
 #include "grouped_gemm.h"
 #include "handlers.h"
+#include "kernel_limits.h"
 
 namespace w4afp8 {
 namespace {
 
 ffi::Error GroupedGemm(cudaStream_t stream, ffi::AnyBuffer lhs, F32Vector lhs_scale, U8Tensor3 packed,
-                       F32Tensor3 scales, S32Vector offsets, Bf16MatrixOut out, int32_t config,
-                       int32_t tiled_layout, int32_t fast_accumulation) {
-  W4AFP8_RETURN_IF_ERROR(RequireType(lhs, ffi::DataType::F8E4M3FN, "grouped_gemm: lhs"));
-  W4AFP8_RETURN_IF_ERROR(RequireRank(lhs, 2, "grouped_gemm: lhs"));
+                       F32Tensor3 scales, S32Vector group_offsets, Bf16MatrixOut out, std::string_view config,
+                       bool tiled_layout, bool exact) {
+  constexpr const char* kFn = "grouped_gemm";
+  W4AFP8_RETURN_IF_ERROR(CheckFp8(kFn, "lhs", lhs));
+  W4AFP8_RETURN_IF_ERROR(CheckShape(kFn, "lhs", lhs.dimensions(), {-1, -1}));
   const int64_t rows = lhs.dimensions()[0], k = lhs.dimensions()[1];
   const int64_t experts = packed.dimensions()[0], n = packed.dimensions()[1];
-  if (packed.dimensions()[2] * 2 != k) return InvalidArgument("grouped_gemm: packed must be [E, N, K/2]");
-  if (k % kGemmGroupSize || n % kGemmRowAlignment) {
-    return InvalidArgument("grouped_gemm: K must be a multiple of 128 and N of 16");
+  W4AFP8_RETURN_IF_ERROR(CheckShape(kFn, "rhs.packed", packed.dimensions(), {experts, n, k / 2}));
+  if (k % kGroupSize || n % kRowAlignment || experts < 1 || experts > kMaxExperts) {
+    return InvalidArgument("w4afp8_jax.grouped_gemm: needs K % " + std::to_string(kGroupSize) + " == 0, N % " +
+                           std::to_string(kRowAlignment) + " == 0 and 1 <= E <= " + std::to_string(kMaxExperts) +
+                           ", got K = " + std::to_string(k) + ", N = " + std::to_string(n) +
+                           ", E = " + std::to_string(experts));
   }
-  if (experts < 1 || experts > kGemmMaxExperts) return InvalidArgument("grouped_gemm: 1 <= E <= 1024");
-  if (scales.dimensions()[0] != experts || scales.dimensions()[1] != n ||
-      scales.dimensions()[2] != k / kGemmGroupSize) {
-    return InvalidArgument("grouped_gemm: scales must be [E, N, K/128]");
+  W4AFP8_RETURN_IF_ERROR(CheckShape(kFn, "rhs.scales", scales.dimensions(), {experts, n, k / kGroupSize}));
+  W4AFP8_RETURN_IF_ERROR(CheckShape(kFn, "group_offsets", group_offsets.dimensions(), {experts + 1}));
+  W4AFP8_RETURN_IF_ERROR(CheckShape(kFn, "lhs_scale", lhs_scale.dimensions(), {1}));
+  W4AFP8_RETURN_IF_ERROR(CheckShape(kFn, "out", out->dimensions(), {rows, n}));
+  const int index = config.empty() ? GroupedGemmDefaultConfig(rows, n, k, experts, exact)
+                                   : FindGroupedGemmConfig(config);
+  if (index < 0) {
+    return InvalidArgument("w4afp8_jax.grouped_gemm: unknown config '" + std::string(config) + "'");
   }
-  if (offsets.dimensions()[0] != experts + 1) return InvalidArgument("grouped_gemm: offsets must be [E+1]");
-  if (lhs_scale.dimensions()[0] != 1) return InvalidArgument("grouped_gemm: lhs_scale must be [1]");
-  if (out->dimensions()[0] != rows || out->dimensions()[1] != n) {
-    return InvalidArgument("grouped_gemm: out must be [rows, N]");
+  if (exact && !GroupedGemmConfigs()[index].exact) {
+    return InvalidArgument("w4afp8_jax.grouped_gemm: config '" + std::string(config) +
+                           "' is not exact but precision asks for the exact group sums");
   }
-  if (config >= GroupedGemmNumConfigs()) return InvalidArgument("grouped_gemm: unknown config");
   const GroupedGemmArgs args{static_cast<const uint8_t*>(lhs.untyped_data()),
                              lhs_scale.typed_data(),
                              packed.typed_data(),
                              scales.typed_data(),
-                             offsets.typed_data(),
+                             group_offsets.typed_data(),
                              reinterpret_cast<__nv_bfloat16*>(out->untyped_data()),
                              rows,
                              n,
                              k,
                              experts,
-                             tiled_layout != 0};
-  return LaunchStatus(LaunchGroupedGemm(args, config, fast_accumulation != 0, stream), "grouped_gemm");
+                             tiled_layout};
+  return LaunchStatus(LaunchGroupedGemm(args, index, stream), kFn);
 }
 
 }  // namespace
 }  // namespace w4afp8
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(W4afp8GroupedGemm, w4afp8::GroupedGemm,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(w4afp8_grouped_gemm, w4afp8::GroupedGemm,
                               xla::ffi::Ffi::Bind()
                                   .Ctx<w4afp8::Stream>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Arg<w4afp8::F32Vector>()
-                                  .Arg<w4afp8::U8Tensor3>()
-                                  .Arg<w4afp8::F32Tensor3>()
-                                  .Arg<w4afp8::S32Vector>()
-                                  .Ret<w4afp8::Bf16Matrix>()
-                                  .Attr<int32_t>("config")
-                                  .Attr<int32_t>("tiled_layout")
-                                  .Attr<int32_t>("fast_accumulation"),
+                                  .Arg<xla::ffi::AnyBuffer>()      // lhs fp8 [R, K], rows in expert order
+                                  .Arg<w4afp8::F32Vector>()        // lhs_scale [1]
+                                  .Arg<w4afp8::U8Tensor3>()        // rhs.packed [E, N, K/2], int4 pairs
+                                  .Arg<w4afp8::F32Tensor3>()       // rhs.scales [E, N, K/128]
+                                  .Arg<w4afp8::S32Vector>()        // group_offsets [E + 1]
+                                  .Ret<w4afp8::Bf16Matrix>()       // out [R, N]
+                                  .Attr<std::string_view>("config")  // a configuration name; "" = heuristic
+                                  .Attr<bool>("tiled_layout")      // rhs.packed in the tiled byte order
+                                  .Attr<bool>("exact"),            // precision asks for exact group sums
                               {w4afp8::kGraphSafe});

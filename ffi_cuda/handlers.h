@@ -1,10 +1,8 @@
-// Every FFI handler the module exports; module.cc turns this list into the registration table.
+// Every FFI handler the module exports, one per line of ops.def.
 #pragma once
 
 #include "xla/ffi/api/api.h"
 
-XLA_FFI_DECLARE_HANDLER_SYMBOL(W4afp8Combine);
-XLA_FFI_DECLARE_HANDLER_SYMBOL(W4afp8Route);
-XLA_FFI_DECLARE_HANDLER_SYMBOL(W4afp8GatherQuantize);
-XLA_FFI_DECLARE_HANDLER_SYMBOL(W4afp8SiluMulQuantize);
-XLA_FFI_DECLARE_HANDLER_SYMBOL(W4afp8GroupedGemm);
+#define W4AFP8_OP(op) XLA_FFI_DECLARE_HANDLER_SYMBOL(w4afp8_##op);
+#include "ops.def"
+#undef W4AFP8_OP

@@ -25,7 +25,7 @@ except ImportError as err:  # no nvcc at install time, or a source checkout with
 
 
 class Limits(NamedTuple):
-    """Sizes and limits of the CUDA kernels (ffi_cuda/limits.h)."""
+    """Sizes and limits of the CUDA kernels (ffi_cuda/kernel_limits.h)."""
 
     max_experts: int      # experts per layer the kernels accept
     group_size: int       # input channels per weight scale
@@ -60,6 +60,14 @@ def grouped_gemm_configs() -> tuple[GemmConfig, ...]:
     if _w4afp8_cuda is None:
         return ()
     return tuple(GemmConfig(**c) for c in _w4afp8_cuda.grouped_gemm_configs())
+
+
+def grouped_gemm_default_config(rows: int, n: int, k: int, experts: int, *, exact: bool) -> str | None:
+    """The configuration name the CUDA heuristic picks for these static sizes (None without the
+    CUDA module)."""
+    if _w4afp8_cuda is None:
+        return None
+    return _w4afp8_cuda.grouped_gemm_default_config(rows, n, k, experts, exact)
 
 
 def check_gemm_config(arg: str, name: str, *, exact: bool) -> None:
