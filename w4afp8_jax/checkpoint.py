@@ -203,7 +203,7 @@ def _expect(ckpt: Checkpoint, name: str, shape: tuple[int, ...], kind: str) -> N
     if kind == "packed" and dtype not in (np.int8, np.uint8):
         raise TypeError(f"{name}: expected int8 packed int4 (two per byte), got {dtype}; an FP8 or bf16 "
                         "checkpoint must be converted first (python -m w4afp8_jax.convert SRC DST)")
-    if kind == "float" and not np.issubdtype(dtype, np.floating):
+    if kind == "float" and not jax.numpy.issubdtype(dtype, jax.numpy.floating):
         raise TypeError(f"{name}: expected floating-point scales, got {dtype}")
     if got != shape:
         raise ValueError(f"{name}: expected shape {list(shape)}, got {list(got)}")

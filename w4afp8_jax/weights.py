@@ -20,10 +20,11 @@ def pack_int4(values: jax.Array) -> jax.Array:
     """Packs signed int4 values [..., K] (K even) into uint8 [..., K//2].
 
     Element 2i goes to the low nibble and 2i+1 to the high nibble (the checkpoint order).
+    numpy in, numpy out (packing on the host); anything else gives a JAX array.
     """
     if values.shape[-1] % 2:
         raise ValueError(f"values: last dimension must be even, got {values.shape[-1]}")
-    nibbles = jnp.asarray(values).astype(jnp.uint8) & 0xF
+    nibbles = (values if isinstance(values, np.ndarray) else jnp.asarray(values)).astype(np.uint8) & 0xF
     return nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
 
 
