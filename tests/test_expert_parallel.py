@@ -1,5 +1,6 @@
 """Expert parallelism on simulated CPU devices (conftest forces 8 host devices): the sharded
-layer equals the single-device layer for 2, 4 and 8 shards.
+layer equals the single-device layer for 2, 4 and 8 shards, both dispatches, tokens sharded
+or replicated.
 
 Bound: each (token, slot) row goes through the same per-row math on its expert's shard; only
 the reference GEMM's batching of rows changes (f32 summation order inside XLA's dot), so rare
@@ -33,6 +34,9 @@ def layer_weights():
 def make_routing(rng, kind, shards):
     if kind == "uniform":
         ids = np.stack([rng.choice(E, TOP_K, replace=False) for _ in range(TOKENS)])
+    elif kind == "skewed":  # most slots on experts 0 and 1 (the first shard)
+        ids = np.where(rng.random((TOKENS, TOP_K)) < 0.8, rng.integers(0, 2, (TOKENS, TOP_K)),
+                       rng.integers(0, E, (TOKENS, TOP_K)))
     elif kind == "one_shard":  # every token to experts of the last shard
         per = E // shards
         ids = np.stack([rng.choice(np.arange(E - per, E), min(TOP_K, per), replace=False) for _ in range(TOKENS)])
@@ -44,10 +48,14 @@ def make_routing(rng, kind, shards):
     return jnp.asarray(ids.astype(np.int32)), jnp.asarray(weights)
 
 
-@pytest.mark.parametrize("shards", [2, 4, 8])
-@pytest.mark.parametrize("kind", ["uniform", "one_shard", "dropped"])
-@pytest.mark.parametrize("static", [True, False])
-def test_sharded_layer_equals_single_device(rng, layer_weights, shards, kind, static):
+DISPATCHES = [("all_to_all", True), ("all_gather", True), ("all_gather", False)]  # (dispatch, token_sharded)
+# Every shard count, routing kind, dispatch and scale kind, without the full product.
+CASES = [(shards, kind, *DISPATCHES[(i + j) % 3], (i + j) % 2 == 0)
+         for i, shards in enumerate([2, 4, 8]) for j, kind in enumerate(["uniform", "skewed", "one_shard", "dropped"])]
+
+
+@pytest.mark.parametrize("shards,kind,dispatch,token_sharded,static", CASES)
+def test_sharded_layer_equals_single_device(rng, layer_weights, shards, kind, dispatch, token_sharded, static):
     if len(jax.devices("cpu")) < shards:
         pytest.skip(f"needs {shards} CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count)")
     w13, w2 = layer_weights
@@ -55,8 +63,9 @@ def test_sharded_layer_equals_single_device(rng, layer_weights, shards, kind, st
     x = jnp.asarray(rng.standard_normal((TOKENS, H)), jnp.bfloat16)
     scales = dict(a1_scale=0.02, a2_scale=0.01) if static else {}
     mesh = Mesh(np.array(jax.devices("cpu")[:shards]), ("ep",))
-    sharded = jax.jit(lambda *a: w4.moe_expert_parallel(*a, mesh=mesh, routed_scaling_factor=2.5,
-                                                        implementation="reference", **scales))
+    sharded = jax.jit(lambda *a: w4.moe_expert_parallel(*a, mesh=mesh, dispatch=dispatch, token_sharded=token_sharded,
+                                                        routed_scaling_factor=2.5, implementation="reference",
+                                                        precision=jax.lax.Precision.HIGHEST, **scales))
     got = np.asarray(sharded(x, ids, tw, w13, w2).astype(jnp.float32))
     want = np.asarray(w4.moe(x, ids, tw, w13, w2, routed_scaling_factor=2.5, implementation="reference",
                              **scales).astype(jnp.float32))
@@ -64,6 +73,15 @@ def test_sharded_layer_equals_single_device(rng, layer_weights, shards, kind, st
     rel = np.linalg.norm(got - want) / np.linalg.norm(want)
     assert rel < 5e-3, f"relative error {rel:.2e}"
     assert np.mean(got == want) > 0.9
+
+
+@pytest.mark.parametrize("dispatch,token_sharded", DISPATCHES)
+def test_expert_parallel_empty_batch(layer_weights, dispatch, token_sharded):
+    mesh = Mesh(np.array(jax.devices("cpu")[:2]), ("ep",))
+    out = w4.moe_expert_parallel(jnp.zeros((0, H), jnp.bfloat16), jnp.zeros((0, TOP_K), jnp.int32),
+                                 jnp.zeros((0, TOP_K), jnp.float32), *layer_weights, mesh=mesh, dispatch=dispatch,
+                                 token_sharded=token_sharded, implementation="reference")
+    assert out.shape == (0, H) and out.dtype == jnp.bfloat16
 
 
 def test_expert_parallel_rejects_uneven_splits(layer_weights):
@@ -75,5 +93,13 @@ def test_expert_parallel_rejects_uneven_splits(layer_weights):
         w4.moe_expert_parallel(x, ids, tw, w13, w2, mesh=mesh, axis_name="tp")
     if len(jax.devices("cpu")) >= 3:
         mesh3 = Mesh(np.array(jax.devices("cpu")[:3]), ("ep",))
-        with pytest.raises(ValueError, match="x"):
+        with pytest.raises(ValueError, match="x: 31 tokens"):
             w4.moe_expert_parallel(x[:31], ids[:31], tw[:31], w13, w2, mesh=mesh3)
+        with pytest.raises(ValueError, match="w13: 16 experts"):
+            w4.moe_expert_parallel(x[:30], ids[:30], tw[:30], w13, w2, mesh=mesh3)
+    with pytest.raises(ValueError, match="dispatch"):
+        w4.moe_expert_parallel(x, ids, tw, w13, w2, mesh=mesh, dispatch="ragged")
+    with pytest.raises(ValueError, match="token_sharded"):
+        w4.moe_expert_parallel(x, ids, tw, w13, w2, mesh=mesh, dispatch="all_to_all", token_sharded=False)
+    with pytest.raises(ValueError, match="precision"):
+        w4.moe_expert_parallel(x, ids, tw, w13, w2, mesh=mesh, precision="bogus")

@@ -16,11 +16,16 @@ from .ops.gather_quantize import gather_quantize
 from .ops.grouped_gemm import grouped_gemm
 from .ops.route import Routing, route
 from .ops.silu_mul_quantize import silu_mul_quantize
+from .tensor_parallel import moe_tensor_parallel, shard_tensor_parallel, tensor_parallel_slice
 from .weights import W4Weights, pack_int4, quantize_weights, unpack_int4
+from .checkpoint import MoEExperts, load_moe_experts
+from .ragged_dot import ragged_dot
 
 __all__ = [
+    "MoEExperts", "load_moe_experts", "ragged_dot",
     "GemmConfig", "Routing", "W4Weights", "combine", "cuda_unavailable_reason", "deepseek_topk", "gather_quantize",
-    "grouped_gemm", "grouped_gemm_configs", "moe", "moe_expert_parallel", "pack_int4", "quantize_fp8",
-    "quantize_weights", "route", "silu_mul_quantize", "unpack_int4",
+    "grouped_gemm", "grouped_gemm_configs", "moe", "moe_expert_parallel", "moe_tensor_parallel", "pack_int4",
+    "quantize_fp8", "quantize_weights", "route", "shard_tensor_parallel", "silu_mul_quantize", "tensor_parallel_slice",
+    "unpack_int4",
 ]
 __version__ = "0.1.0"

@@ -1,7 +1,13 @@
-"""Expert parallelism: tokens and experts sharded over one mesh axis, fp8 rows exchanged with
-JAX's all_to_all (NCCL on GPUs), the local grouped GEMMs run by the same ops as `moe`.
+"""Expert parallelism: experts sharded over one mesh axis, each device running the grouped
+GEMMs of its own experts with the same ops as `moe`. Two ways to bring the rows to the experts:
 
-Per shard (P shards, E/P experts each, m tokens):
+dispatch="all_gather" (the default; "replicate the tokens, reduce the outputs"): every device
+gets every token (an all_gather when the tokens are sharded, nothing when they are replicated),
+computes its experts' contributions to all tokens (slots of other devices' experts are dropped
+by its `route`), and an f32 reduce-scatter (or psum) adds the P shares. Per device and layer it
+moves M*H activations in and M*H f32 shares out, whatever k is.
+
+dispatch="all_to_all": per shard (P shards, E/P experts each, m = M/P tokens)
   1. route each (token, slot) to the shard owning its expert (`route` with P "experts");
   2. quantize the tokens once with a scale every shard agrees on (static, or the pmax of the
      local amax), scatter them into a static send buffer [P, m*k, H] (room for every slot going
@@ -10,6 +16,9 @@ Per shard (P shards, E/P experts each, m tokens):
   3. on the received rows: `route` over the local experts, grouped GEMM 1, SiLU*up requantized
      (dynamic scale: pmax of the local amax), grouped GEMM 2, rows back in arrival order;
   4. all_to_all the results back and `combine` them with the routing weights.
+It sends one row per slot (k rows per token) in a buffer P times larger than the rows sent:
+more bytes than the all_gather dispatch whenever k >= P (DeepSeek-V3: k = 8).
+
 Buffers are sized from shapes only; nothing is read on the host.
 """
 
@@ -21,18 +30,22 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 from . import _backend
+from ._parallel import (axis_size, check_precision, empty_output, gather_tokens, global_scale, partial_layer,
+                        sum_shares)
 from ._validate import FP8_DTYPE, check_static_scale
-from .ops.silu_mul_quantize import kept_silu_mul, silu_mul_quantize
-from .ops.combine import combine
-from .fp8 import saturate_to_fp8, scale_from_amax
-from .ops.grouped_gemm import grouped_gemm
+from .fp8 import saturate_to_fp8
 from .moe import check_moe_args
+from .ops.combine import combine
+from .ops.grouped_gemm import grouped_gemm
 from .ops.route import DROPPED, route
+from .ops.silu_mul_quantize import kept_silu_mul, silu_mul_quantize
 from .weights import W4Weights
 
+DISPATCHES = ("all_gather", "all_to_all")
 
-def _shard_layer(x, topk_ids, topk_weights, w13, w2, *, axis_name, num_shards, num_experts, a1_scale,
-                 a2_scale, routed_scaling_factor, impl):
+
+def _all_to_all_layer(x, topk_ids, topk_weights, w13, w2, *, axis_name, num_shards, num_experts, a1_scale,
+                      a2_scale, routed_scaling_factor, precision, impl):
     m, k = topk_ids.shape
     hidden = x.shape[1]
     local_experts = num_experts // num_shards
@@ -47,9 +60,7 @@ def _shard_layer(x, topk_ids, topk_weights, w13, w2, *, axis_name, num_shards, n
 
     # 2. fp8 rows and local expert ids out to their shards.
     x32 = x.astype(jnp.float32)
-    # Dynamic scales: the max over shards of the local amax (a shard may have no rows at all).
-    global_scale = lambda v: scale_from_amax(jax.lax.pmax(jnp.max(jnp.abs(v)), axis_name))
-    scale1 = a1_scale if a1_scale is not None else global_scale(x32)
+    scale1 = a1_scale if a1_scale is not None else global_scale(x32, axis_name)
     q = jnp.repeat(saturate_to_fp8(x32, scale1), k, axis=0)
     target = jnp.where(send_index >= 0, send_index, num_shards * capacity).reshape(-1)
     send_rows = jnp.zeros((num_shards * capacity, hidden), FP8_DTYPE).at[target].set(q, mode="drop")
@@ -65,44 +76,80 @@ def _shard_layer(x, topk_ids, topk_weights, w13, w2, *, axis_name, num_shards, n
     order = local.positions[:, 0]
     rows = jnp.where(order >= 0, order, recv_ids.shape[0])
     sorted_rows = jnp.zeros_like(recv_rows).at[rows].set(recv_rows, mode="drop")
-    c1 = grouped_gemm(sorted_rows, scale1, w13, local.group_offsets, implementation=impl)
+    c1 = grouped_gemm(sorted_rows, scale1, w13, local.group_offsets, precision=precision, implementation=impl)
     if a2_scale is None:
-        a2_scale = global_scale(kept_silu_mul(c1, local.group_offsets))
+        a2_scale = global_scale(kept_silu_mul(c1, local.group_offsets), axis_name)
     q2, scale2 = silu_mul_quantize(c1, local.group_offsets, a2_scale, implementation=impl)
-    c2 = grouped_gemm(q2, scale2, w2, local.group_offsets, implementation=impl)
+    c2 = grouped_gemm(q2, scale2, w2, local.group_offsets, precision=precision, implementation=impl)
     back = jnp.where((order >= 0)[:, None], c2[jnp.maximum(order, 0)], jnp.zeros((), c2.dtype))
 
     # 4. Results home, weighted sum per token.
     return combine(exchange(back), send_index, topk_weights, routed_scaling_factor, implementation=impl)
 
 
-def moe_expert_parallel(x, topk_ids, topk_weights, w13: W4Weights, w2: W4Weights, *, mesh: Mesh,
-                        axis_name: str = "ep", a1_scale=None, a2_scale=None, routed_scaling_factor: float = 1.0,
-                        implementation: str = "auto") -> jax.Array:
-    """`moe` with tokens (x, topk_ids, topk_weights: leading axis) and experts (w13, w2: expert
-    axis) sharded over `axis_name` of `mesh`; returns bf16 [M, H] sharded like x.
+def _all_gather_layer(x, topk_ids, topk_weights, w13, w2, *, axis_name, num_experts, token_sharded, **layer):
+    if token_sharded:
+        x, topk_ids, topk_weights = gather_tokens(x, topk_ids, topk_weights, axis_name)
+    local_experts = num_experts // jax.lax.axis_size(axis_name)
+    first = jax.lax.axis_index(axis_name) * local_experts
+    mine = (topk_ids >= first) & (topk_ids < first + local_experts)
+    local_ids = jnp.where(mine, topk_ids - first, local_experts).astype(jnp.int32)
+    partial = partial_layer(x, local_ids, topk_weights, w13, w2, num_experts=local_experts, axis_name=axis_name,
+                            **layer)
+    return sum_shares(partial, axis_name, token_sharded=token_sharded)
 
-    M and E must be divisible by the axis size. Same arguments and numerics as `moe` (dynamic
-    scales are global maxima over all shards), up to f32 summation order in the GEMMs.
+
+def moe_expert_parallel(x, topk_ids, topk_weights, w13: W4Weights, w2: W4Weights, *, mesh: Mesh,
+                        axis_name: str = "ep", dispatch: str = "all_gather", token_sharded: bool = True,
+                        a1_scale=None, a2_scale=None, routed_scaling_factor: float = 1.0, precision=None,
+                        implementation: str = "auto") -> jax.Array:
+    """`moe` with the experts (w13, w2: expert axis) sharded over `axis_name` of `mesh`.
+
+    x: float [M, H]; topk_ids: integer [M, k]; topk_weights: float [M, k]: sharded along tokens
+    over the axis (token_sharded=True; M divisible by the axis size P; the output bf16 [M, H] is
+    sharded like x) or replicated (token_sharded=False, only with dispatch="all_gather": the
+    output is replicated). E must be divisible by P; device r holds experts [rE/P, (r+1)E/P).
+    dispatch: "all_gather" or "all_to_all" (module docstring: what each moves). Other arguments
+    as in `moe`; dynamic scales are global maxima over all devices.
+
+    Numerics: every (token, slot) row goes through the one-device layer's per-row math on its
+    expert's device, so the result equals `moe` up to f32 summation order: all_to_all runs
+    `combine` on the returned bf16 rows; all_gather adds the devices' f32 combine sums and
+    rounds once.
+
+    Raises ValueError for a mesh without `axis_name`, uneven splits of M (token_sharded) or E,
+    an unknown dispatch, or bad scales; TypeError for wrong types.
     """
     check_moe_args(x, topk_ids, topk_weights, w13, w2)
-    if axis_name not in mesh.axis_names:
-        raise ValueError(f"axis_name {axis_name!r} is not an axis of mesh (axes {mesh.axis_names})")
-    num_shards = mesh.shape[axis_name]
+    num_shards = axis_size(mesh, axis_name)
+    if dispatch not in DISPATCHES:
+        raise ValueError(f"dispatch must be one of {DISPATCHES}, got {dispatch!r}")
+    if dispatch == "all_to_all" and not token_sharded:
+        raise ValueError('dispatch="all_to_all" needs token_sharded=True (tokens replicated over the axis would be '
+                         'sent P times); use dispatch="all_gather"')
     num_tokens, num_experts = np.shape(x)[0], w13.num_experts
-    if num_tokens % num_shards:
-        raise ValueError(f"x: {num_tokens} tokens do not split evenly over {num_shards} shards of {axis_name!r}")
+    if token_sharded and num_tokens % num_shards:
+        raise ValueError(f"x: {num_tokens} tokens do not split evenly over {num_shards} shards of {axis_name!r} "
+                         "(token_sharded=True)")
     if num_experts % num_shards:
         raise ValueError(f"w13: {num_experts} experts do not split evenly over {num_shards} shards of {axis_name!r}")
     a1_scale = check_static_scale("a1_scale", a1_scale)
     a2_scale = check_static_scale("a2_scale", a2_scale)
+    check_precision(precision)
     rsf = float(routed_scaling_factor)
     impl = _backend.resolve(implementation)
+    if num_tokens == 0:
+        return empty_output(x)
 
-    spec = PartitionSpec(axis_name)
-    body = lambda x, ids, tw, w13, w2: _shard_layer(
-        x, ids, tw, w13, w2, axis_name=axis_name, num_shards=num_shards, num_experts=num_experts,
-        a1_scale=a1_scale, a2_scale=a2_scale, routed_scaling_factor=rsf, impl=impl)
+    layer = dict(a1_scale=a1_scale, a2_scale=a2_scale, routed_scaling_factor=rsf, precision=precision, impl=impl)
+    if dispatch == "all_gather":
+        body = lambda *a: _all_gather_layer(*a, axis_name=axis_name, num_experts=num_experts,
+                                            token_sharded=token_sharded, **layer)
+    else:
+        body = lambda *a: _all_to_all_layer(*a, axis_name=axis_name, num_shards=num_shards, num_experts=num_experts,
+                                            **layer)
+    tokens = PartitionSpec(axis_name) if token_sharded else PartitionSpec()
+    experts = PartitionSpec(axis_name)
     # check_vma=False: the reference GEMM's scan starts from unsharded zeros.
-    return jax.shard_map(body, mesh=mesh, in_specs=(spec, spec, spec, spec, spec), out_specs=spec, check_vma=False)(
-        jnp.asarray(x), jnp.asarray(topk_ids), jnp.asarray(topk_weights), w13, w2)
+    return jax.shard_map(body, mesh=mesh, in_specs=(tokens, tokens, tokens, experts, experts), out_specs=tokens,
+                         check_vma=False)(jnp.asarray(x), jnp.asarray(topk_ids), jnp.asarray(topk_weights), w13, w2)

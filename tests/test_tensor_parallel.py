@@ -1,0 +1,176 @@
+"""Tensor parallelism on simulated CPU devices (conftest forces 8 host devices): the weight
+slices are the full weights' rows/columns, and the layer equals the one-device layer within
+the bound of its extra bf16 roundings for 2, 4 and 8 devices.
+
+Bound (moe_tensor_parallel's docstring): each device rounds its GEMM 2 partial sum c2_r to
+bf16 (unit roundoff u = 2^-8), the shares are added in f32 and rounded once; `moe` rounds
+the whole c2 once and its combine once. Per element
+    |tp - one| <= u * (rsf * sum_j |w_j| * (sum_r |c2_r| + |c2|) + |tp| + |one|) (1 + 1%),
+computed here from the reference ops. The norm of that bound bounds the norm of the error;
+on top, rare fp8 code flips of h (XLA's CPU dot blocks the K sums differently for a narrower
+N, measured: ~3e-5 of c1 values flip one bf16 ulp at P = 8) get the 5e-3 relative norm
+allowance of test_expert_parallel.py, and 99% of the elements must meet the per-element
+bound. A wrong slice, row order or scale gives O(1) errors.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+import w4afp8_jax as w4
+
+E, H, INTER, TOKENS, TOP_K = 16, 256, 1024, 32, 4
+RSF = 2.5
+U = 2.0**-8  # bf16 unit roundoff
+
+
+def random_weights(rng, n, k, e=E):
+    packed = jnp.asarray(rng.integers(0, 256, size=(e, n, k // 2), dtype=np.uint8))
+    scales = jnp.asarray((rng.standard_normal((e, n, k // 128)) * 0.005).astype(np.float32))
+    return w4.W4Weights(packed, scales)
+
+
+@pytest.fixture(scope="module")
+def layer_weights():
+    rng = np.random.default_rng(11)
+    return random_weights(rng, 2 * INTER, H), random_weights(rng, H, INTER)
+
+
+def make_routing(rng, kind):
+    if kind == "uniform":
+        ids = np.stack([rng.choice(E, TOP_K, replace=False) for _ in range(TOKENS)])
+    elif kind == "skewed":  # most slots on experts 0 and 1
+        ids = np.where(rng.random((TOKENS, TOP_K)) < 0.8, rng.integers(0, 2, (TOKENS, TOP_K)),
+                       rng.integers(0, E, (TOKENS, TOP_K)))
+    else:  # dropped slots mixed in
+        ids = rng.integers(0, E, size=(TOKENS, TOP_K))
+        ids[rng.random(ids.shape) < 0.25] = E
+    weights = rng.random((TOKENS, TOP_K)).astype(np.float32)
+    return jnp.asarray(ids.astype(np.int32)), jnp.asarray(weights)
+
+
+def mesh_of(size):
+    if len(jax.devices("cpu")) < size:
+        pytest.skip(f"needs {size} CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count)")
+    return Mesh(np.array(jax.devices("cpu")[:size]), ("tp",))
+
+
+@pytest.mark.parametrize("size", [1, 2, 4, 8])
+@pytest.mark.parametrize("layout", ["checkpoint", "tiled"])
+def test_slices_are_the_full_weights_rows_and_columns(size, layout):
+    rng = np.random.default_rng(size)
+    w13, w2 = random_weights(rng, 2 * INTER, H, e=2), random_weights(rng, H, INTER, e=2)
+    if layout == "tiled":
+        w13, w2 = w13.prepare(), w2.prepare()
+    full13, full2 = np.asarray(w13.dequantize()), np.asarray(w2.dequantize())
+    part = INTER // size
+    w13_tp, w2_tp = w4.shard_tensor_parallel(w13, w2, size)
+    assert (w13_tp.layout, w2_tp.layout) == (layout, layout)
+    assert w13_tp.packed.shape == w13.packed.shape and w2_tp.packed.shape == (2, size * H, part // 2)
+    arranged13, arranged2 = np.asarray(w13_tp.dequantize()), np.asarray(w2_tp.dequantize())
+    for rank in range(size):
+        lo, hi = rank * part, (rank + 1) * part
+        s13, s2 = w4.tensor_parallel_slice(w13, w2, rank, size)
+        want13 = np.concatenate([full13[:, lo:hi], full13[:, INTER + lo:INTER + hi]], axis=1)
+        np.testing.assert_array_equal(np.asarray(s13.dequantize()), want13)
+        np.testing.assert_array_equal(np.asarray(s2.dequantize()), full2[:, :, lo:hi])
+        np.testing.assert_array_equal(arranged13[:, 2 * lo:2 * hi], want13)
+        np.testing.assert_array_equal(arranged2[:, rank * H:(rank + 1) * H], full2[:, :, lo:hi])
+
+
+def test_host_weights_stay_on_the_host(layer_weights):
+    w13, w2 = (w4.W4Weights(np.asarray(w.packed), np.asarray(w.scales)) for w in layer_weights)
+    w13_tp, w2_tp = w4.shard_tensor_parallel(w13, w2, 2)
+    if isinstance(w13.packed, np.ndarray):  # W4Weights keeps numpy arrays as they are
+        assert all(isinstance(a, np.ndarray) for a in (w13_tp.packed, w13_tp.scales, w2_tp.packed, w2_tp.scales))
+    np.testing.assert_array_equal(np.asarray(w2_tp.dequantize())[:, H:],
+                                  np.asarray(w2.dequantize())[:, :, INTER // 2:])
+
+
+def single_device_parts(x, ids, tw, w13, w2, size, scales):
+    """c2 (one device) and the P GEMM 2 partials c2_r, from the reference ops, and positions."""
+    routing = w4.route(ids, E, implementation="reference")
+    q1, s1 = w4.gather_quantize(x, routing.positions, scales.get("a1_scale"), implementation="reference")
+    c1 = w4.grouped_gemm(q1, s1, w13, routing.group_offsets, implementation="reference")
+    q2, s2 = w4.silu_mul_quantize(c1, routing.group_offsets, scales.get("a2_scale"), implementation="reference")
+    c2 = w4.grouped_gemm(q2, s2, w2, routing.group_offsets, implementation="reference")
+    part = INTER // size
+    partials = [w4.grouped_gemm(q2[:, r * part:(r + 1) * part], s2, w4.tensor_parallel_slice(w13, w2, r, size)[1],
+                                routing.group_offsets, implementation="reference") for r in range(size)]
+    return c2, partials, routing.positions
+
+
+# Every size, routing and scale kind, both token placements (skewed: sharded), without the full product.
+@pytest.mark.parametrize("size,kind,static", [
+    (2, "uniform", True), (2, "skewed", False), (2, "dropped", False), (4, "uniform", False), (4, "skewed", True),
+    (8, "dropped", True), (8, "skewed", False),
+])
+def test_tensor_parallel_layer_equals_single_device(rng, layer_weights, size, kind, static):
+    mesh = mesh_of(size)
+    w13, w2 = layer_weights
+    ids, tw = make_routing(rng, kind)
+    x = jnp.asarray(rng.standard_normal((TOKENS, H)), jnp.bfloat16)
+    scales = dict(a1_scale=0.02, a2_scale=0.01) if static else {}
+    token_sharded = kind == "skewed"  # both input placements, without doubling the cases
+    w13_tp, w2_tp = w4.shard_tensor_parallel(w13, w2, size)
+    placed = NamedSharding(mesh, PartitionSpec(None, "tp"))
+    w13_tp, w2_tp = jax.device_put((w13_tp, w2_tp), placed)
+    layer = jax.jit(lambda *a: w4.moe_tensor_parallel(*a, mesh=mesh, token_sharded=token_sharded,
+                                                      routed_scaling_factor=RSF, implementation="reference",
+                                                      precision=jax.lax.Precision.HIGHEST, **scales))
+    got = np.asarray(layer(x, ids, tw, w13_tp, w2_tp).astype(jnp.float32))
+    want = np.asarray(w4.moe(x, ids, tw, w13, w2, routed_scaling_factor=RSF, implementation="reference",
+                             **scales).astype(jnp.float32))
+    assert np.linalg.norm(want) > 0 and np.all(np.isfinite(got))
+
+    c2, partials, positions = single_device_parts(x, ids, tw, w13, w2, size, scales)
+    magnitude = sum(np.abs(np.asarray(p, np.float32)) for p in partials) + np.abs(np.asarray(c2, np.float32))
+    pos = np.asarray(positions)
+    kept = pos >= 0
+    weights = np.where(kept, np.abs(np.asarray(tw)), 0.0)
+    a = RSF * np.einsum("mk,mkh->mh", weights, magnitude[np.where(kept, pos, 0)])
+    bound = U * (a + np.abs(got) + np.abs(want)) * 1.01
+    err = np.abs(got - want)
+    within = np.mean(err <= bound)
+    rel = np.linalg.norm(got - want) / np.linalg.norm(want)
+    assert within > 0.99, f"only {within:.4f} of the elements within the rounding bound"
+    assert np.linalg.norm(err) <= np.linalg.norm(bound) + 5e-3 * np.linalg.norm(want), f"relative error {rel:.2e}"
+
+
+@pytest.mark.parametrize("token_sharded", [False, True])
+def test_tensor_parallel_empty_batch(layer_weights, token_sharded):
+    mesh = mesh_of(2)
+    w13_tp, w2_tp = w4.shard_tensor_parallel(*layer_weights, 2)
+    out = w4.moe_tensor_parallel(jnp.zeros((0, H), jnp.bfloat16), jnp.zeros((0, TOP_K), jnp.int32),
+                                 jnp.zeros((0, TOP_K), jnp.float32), w13_tp, w2_tp, mesh=mesh,
+                                 token_sharded=token_sharded, implementation="reference")
+    assert out.shape == (0, H) and out.dtype == jnp.bfloat16
+
+
+def test_tensor_parallel_rejects_bad_arguments(layer_weights):
+    w13, w2 = layer_weights
+    mesh = mesh_of(2)
+    x = jnp.ones((TOKENS, H), jnp.bfloat16)
+    ids, tw = jnp.zeros((TOKENS, TOP_K), jnp.int32), jnp.ones((TOKENS, TOP_K), jnp.float32)
+    w13_tp, w2_tp = w4.shard_tensor_parallel(w13, w2, 2)
+    call = lambda *a, **kw: w4.moe_tensor_parallel(*a, mesh=mesh, implementation="reference", **kw)
+    with pytest.raises(ValueError, match="shard_tensor_parallel"):
+        call(x, ids, tw, w13, w2)  # full weights, not arranged for 2 devices
+    with pytest.raises(ValueError, match="axis_name"):
+        call(x, ids, tw, w13_tp, w2_tp, axis_name="ep")
+    with pytest.raises(ValueError, match="x: 31 tokens"):
+        call(x[:31], ids[:31], tw[:31], w13_tp, w2_tp, token_sharded=True)
+    with pytest.raises(ValueError, match="precision"):
+        call(x, ids, tw, w13_tp, w2_tp, precision="bogus")
+    with pytest.raises(ValueError, match="a1_scale"):
+        call(x, ids, tw, w13_tp, w2_tp, a1_scale=-1.0)
+    with pytest.raises(ValueError, match="topk_ids"):
+        call(x, ids[:5], tw[:5], w13_tp, w2_tp)
+    with pytest.raises(ValueError, match="group_size"):
+        w4.shard_tensor_parallel(w13, w2, 16)  # I/16 = 64 columns: half a scale group
+    with pytest.raises(ValueError, match="rank"):
+        w4.tensor_parallel_slice(w13, w2, 2, 2)
+    with pytest.raises(TypeError, match="mesh"):
+        w4.moe_tensor_parallel(x, ids, tw, w13_tp, w2_tp, mesh=None)

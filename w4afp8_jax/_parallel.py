@@ -1,0 +1,82 @@
+"""Pieces shared by the multi-GPU layers (expert_parallel.py, tensor_parallel.py).
+
+Both layers can run as "every device sees every token, computes its share of the layer, and a
+sum over the mesh axis adds the shares": expert parallelism with the tokens replicated (a
+device's share is its experts' rows) and tensor parallelism (a device's share is its slice of
+every expert's intermediate dimension). `partial_layer` is that share, summed in f32 so that
+adding the shares rounds to bf16 once.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from .fp8 import scale_from_amax
+from .ops.combine import combine_f32
+from .ops.gather_quantize import gather_quantize
+from .ops.grouped_gemm import grouped_gemm, is_exact
+from .ops.route import route
+from .ops.silu_mul_quantize import kept_silu_mul, silu_mul_quantize
+
+
+def axis_size(mesh, axis_name) -> int:
+    """The size of `axis_name` in `mesh`, with errors naming the argument."""
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+    if axis_name not in mesh.axis_names:
+        raise ValueError(f"axis_name {axis_name!r} is not an axis of mesh (axes {mesh.axis_names})")
+    return int(mesh.shape[axis_name])
+
+
+def check_precision(precision) -> None:
+    is_exact(precision)  # raises a ValueError naming precision
+
+
+def global_scale(values: jax.Array, axis_name: str) -> jax.Array:
+    """The dynamic per-tensor scale of a tensor spread over the devices of `axis_name`: the max
+    over devices of each device's amax (a device may hold no rows at all: amax 0)."""
+    return scale_from_amax(jax.lax.pmax(jnp.max(jnp.abs(values)), axis_name))
+
+
+def partial_layer(x, topk_ids, topk_weights, w13, w2, *, num_experts: int, axis_name: str, a1_scale, a2_scale,
+                  routed_scaling_factor: float, precision, impl: str) -> jax.Array:
+    """One device's share of the layer for tokens every device holds, f32 [M, H], unrounded.
+
+    topk_ids: this device's expert ids in [0, num_experts) (other ids: slots computed
+    elsewhere, dropped here); w13 / w2: this device's weights. x being the same on every device,
+    a dynamic a1 scale computed here is the global one; a dynamic a2 scale is the max over the
+    devices of `axis_name` of the amax of their SiLU*up values, which is the one-device layer's
+    amax when every kept (row, column) of h lives on exactly one device.
+    """
+    routing = route(topk_ids, num_experts, implementation=impl)
+    q1, s1 = gather_quantize(x, routing.positions, a1_scale, implementation=impl)
+    c1 = grouped_gemm(q1, s1, w13, routing.group_offsets, precision=precision, implementation=impl)
+    if a2_scale is None:
+        a2_scale = global_scale(kept_silu_mul(c1, routing.group_offsets), axis_name)
+    q2, s2 = silu_mul_quantize(c1, routing.group_offsets, a2_scale, implementation=impl)
+    c2 = grouped_gemm(q2, s2, w2, routing.group_offsets, precision=precision, implementation=impl)
+    return combine_f32(c2, routing.positions, topk_weights, routed_scaling_factor)
+
+
+def gather_tokens(x, topk_ids, topk_weights, axis_name: str):
+    """All the tokens on every device (all_gather of the token shards, in shard order)."""
+    gather = lambda a: jax.lax.all_gather(a, axis_name, axis=0, tiled=True)
+    return gather(x), gather(topk_ids), gather(topk_weights)
+
+
+def sum_shares(partial: jax.Array, axis_name: str, *, token_sharded: bool) -> jax.Array:
+    """bf16 sum over the devices of `axis_name` of f32 shares [M, H]: every device gets all M
+    rows (psum), or, token_sharded, its own M/P rows (reduce-scatter). One rounding to bf16."""
+    if token_sharded:
+        total = jax.lax.psum_scatter(partial, axis_name, scatter_dimension=0, tiled=True)
+    else:
+        total = jax.lax.psum(partial, axis_name)
+    return total.astype(jnp.bfloat16)
+
+
+def empty_output(x) -> jax.Array:
+    """The layer's output for an empty batch (x [0, H]): bf16 [0, H]."""
+    return jnp.zeros((0, np.shape(x)[1]), jnp.bfloat16)
