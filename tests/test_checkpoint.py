@@ -19,10 +19,11 @@ EXPERT = "model.layers.{}.mlp.experts.{}.{}"
 
 
 def write_checkpoint(path, rng, *, layers=MOE_LAYERS, experts=E, hidden=H, inter=INTER, act_scales=True,
-                     up_first=False):
+                     up_first=False, shared_inter=None):
     """A tiny DeepSeek-V3-style W4AFP8 checkpoint: a dense layer 0 (FP8 with block scales), routed
     experts in layers `layers` spread over two shards (layer by layer), act_scales.safetensors,
-    the index and hf_quant_config.json. Returns the tensors written, by name."""
+    the index and hf_quant_config.json; with shared_inter, an FP8 block-scaled shared expert of
+    that intermediate size per MoE layer. Returns the tensors written, by name."""
     path.mkdir(parents=True, exist_ok=True)
     shards = [{}, {}]
     shards[0]["model.embed_tokens.weight"] = rng.standard_normal((32, hidden)).astype(ml_dtypes.bfloat16)
@@ -33,6 +34,11 @@ def write_checkpoint(path, rng, *, layers=MOE_LAYERS, experts=E, hidden=H, inter
         shard = shards[i % 2]
         shard[f"model.layers.{layer}.mlp.gate.weight"] = rng.standard_normal((experts, hidden)).astype(ml_dtypes.bfloat16)
         shard[f"model.layers.{layer}.mlp.gate.e_score_correction_bias"] = rng.random(experts, dtype=np.float32)
+        for proj, n, k in (("gate", shared_inter, hidden), ("up", shared_inter, hidden), ("down", hidden, shared_inter)):
+            if shared_inter:
+                name = f"model.layers.{layer}.mlp.shared_experts.{proj}_proj.weight"
+                shard[name] = rng.standard_normal((n, k)).astype(ml_dtypes.float8_e4m3fn)
+                shard[name + "_scale_inv"] = (rng.random((n // 128, k // 128)) * 0.1 + 0.1).astype(np.float32)
         for e in range(experts):
             projs = [("gate", inter, hidden), ("up", inter, hidden), ("down", hidden, inter)]
             if up_first:

@@ -220,13 +220,18 @@ def _resolve_sharding(sharding, name: str, shape: tuple[int, ...]) -> Sharding:
     if not isinstance(sharding, Sharding):
         raise TypeError(f"sharding must be None, a jax.sharding.Sharding or a callable (name, shape) -> Sharding, "
                         f"got {type(sharding).__name__}")
-    if len(shape) == 1:  # the per-layer scales: replicated on the same devices
-        if isinstance(sharding, NamedSharding):
-            return NamedSharding(sharding.mesh, PartitionSpec())
-        if len(sharding.device_set) == 1:
-            return sharding
-        return NamedSharding(jax.sharding.Mesh(np.array(list(sharding.device_set)), ("devices",)), PartitionSpec())
+    if len(shape) == 1:  # the per-layer scales
+        return replicated(sharding)
     return sharding
+
+
+def replicated(sharding: Sharding) -> Sharding:
+    """A sharding that replicates any array on the devices of `sharding`."""
+    if isinstance(sharding, NamedSharding):
+        return NamedSharding(sharding.mesh, PartitionSpec())
+    if len(sharding.device_set) == 1:
+        return sharding
+    return NamedSharding(jax.sharding.Mesh(np.array(list(sharding.device_set)), ("devices",)), PartitionSpec())
 
 
 def _place(name: str, shape: tuple[int, ...], sharding: Sharding, read: Callable, bar) -> jax.Array:
