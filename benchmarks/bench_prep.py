@@ -6,25 +6,23 @@ jitted), each of its two ops alone, the same steps on the reference path jitted 
 (x read once in bf16 + the fp8 rows written) as the floor. Route alone is also timed at
 M = 65536 (the multi-block path).
 
-Timing: every op runs R times inside one jitted function on R different input sets (so the
-L2 does not serve small cases), chained through optimization barriers so XLA neither overlaps
-nor fuses the replicas; the median wall time of a call is taken for two replica counts R1 < R2
-and the time per op is the slope (t(R2) - t(R1)) / (R2 - R1), which cancels the fixed dispatch
-and synchronization cost of a call. With torch present, torch's copy (triton do_bench median)
-is reported too as an independent floor.
+Timing: `timing.time_jax` with chained calls: each op runs n and 2n times inside one jitted
+function on different input sets (so the L2 does not serve small cases), chained through
+optimization barriers so XLA neither overlaps nor fuses the replicas; the time per op is the
+slope between the two, which cancels the fixed dispatch and synchronization cost of a call.
+With torch present, torch's copy (do_bench median) is reported too as an independent floor.
 
-usage: python benchmarks/bench_prep.py [--json PATH] [--quick]
+usage: python3 benchmarks/bench_prep.py [--json PATH] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import os
-import statistics
-import time
 
-os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch times the copy floor on the same GPU
+import timing  # first: the JAX allocator flag, the import path and the torch guard
+import problems as P
 
 import jax
 import jax.numpy as jnp
@@ -32,74 +30,44 @@ import numpy as np
 
 import w4afp8_jax as w4
 
-E, K, H = 256, 8, 7168
+SHAPE = P.shape_for(dry_run=False)
+E, K, H = SHAPE.experts, SHAPE.top_k, SHAPE.hidden
 PREP_M = (1, 16, 64, 512, 8192)
 ROUTE_ONLY_M = (65536,)
 SCALE = 0.05
 
 
-def chained(op):
-    """fn(list of input tuples) -> list of outputs, op applied to each in turn, each replica
-    waiting for the previous one's outputs (no overlap, no cross-replica fusion)."""
-    def run(inputs):
-        outs, prev = [], None
-        for args in inputs:
-            if prev is not None:
-                prev, args = jax.lax.optimization_barrier((prev, args))
-            prev = op(*args)
-            outs.append(prev)
-        return outs
-    return jax.jit(run)
-
-
-def call_seconds(fn, inputs, reps):
-    jax.block_until_ready(fn(inputs))  # compile + warm up
-    jax.block_until_ready(fn(inputs))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(inputs))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def per_op_us(op, make_inputs, r1, r2, reps):
-    fn = chained(op)
-    inputs = [make_inputs(i) for i in range(r2)]
-    t1 = call_seconds(fn, inputs[:r1], reps)
-    t2 = call_seconds(fn, inputs, reps)
-    return max(t2 - t1, 0.0) / (r2 - r1) * 1e6
+def per_op_us(op, inputs, calls, rep_ms):
+    """Microseconds per op: slope of chained programs of `calls` and 2 `calls` ops."""
+    return timing.time_jax(op, inputs, calls=calls, chain=True, warmup_ms=rep_ms / 4, rep_ms=rep_ms)[0] * 1e6
 
 
 def torch_copy_us(nbytes):
-    try:
-        import torch
-        from triton.testing import do_bench
-    except ImportError:
+    if not timing.torch_ok():
         return None
-    if not torch.cuda.is_available():
-        return None
+    torch = timing.torch
     src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    ms = do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
-    del src, dst
-    torch.cuda.empty_cache()
-    return ms * 1e3
+    copy = functools.partial(dst.copy_, src)
+    seconds = timing.bench(copy, 25, 200)
+    del copy, src, dst
+    timing.free_torch()
+    return seconds * 1e6
 
 
-def replicas(m):
-    return (1, 3) if m >= 4096 else (4, 36)
+def calls_for(m):
+    return 1 if m >= 4096 else 16
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write the results here")
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    parser.add_argument("--quick", action="store_true", help="shorter timing")
     args = parser.parse_args()
-    reps = 5 if args.quick else 25
+    rep_ms = 40.0 if args.quick else 150.0
     rng = np.random.default_rng(0)
     print(f"device: {jax.devices()[0].device_kind}; E={E} k={K} H={H}; "
-          f"CUDA path: {w4.cuda_unavailable_reason() or 'available'}")
+          f"CUDA path: {w4.cuda_unavailable_reason() or 'available'}; timing: {timing.method()}")
 
     def make_ids(m):
         if m > 8192:  # distinct experts per token costs too much host time here; duplicates do not matter
@@ -122,6 +90,11 @@ def main():
     def gather_op(x, positions, scale):
         return w4.gather_quantize(x, positions, scale, implementation="cuda")[0]
 
+    def copy_floor_us(nbytes, calls, count):
+        words = -(-nbytes // 8)  # a uint32 array read once and written once moves nbytes
+        inputs = [(jnp.full((words,), i, jnp.uint32),) for i in range(count)]
+        return per_op_us(lambda a: a + jnp.uint32(1), inputs, calls, rep_ms)
+
     rows = []
 
     def record(op, m, us, floor_us, torch_us, nbytes):
@@ -135,34 +108,32 @@ def main():
     print(f"{'op':24s} {'M':>6s} {'time us':>10s} {'copy us':>10s} {'ratio':>7s} {'torch copy us':>10s}")
     scale = jnp.float32(SCALE)
     for m in PREP_M:
-        r1, r2 = replicas(m)
+        calls = calls_for(m)
         nbytes = 2 * m * H + K * m * H + 8 * m * K  # x read, fp8 rows written, ids + positions
-        words = -(-nbytes // 8)  # a uint32 array read once and written once moves nbytes
-        floor = per_op_us(lambda a: a + jnp.uint32(1), lambda i: (jnp.full((words,), i, jnp.uint32),), r1, r2, reps)
+        floor = copy_floor_us(nbytes, calls, 2 * calls)
         torch_us = torch_copy_us(nbytes // 2)
-        data = [(make_x(m), make_ids(m), scale) for _ in range(r2)]
+        data = [(make_x(m), make_ids(m), scale) for _ in range(2 * calls)]
         for name, impl in (("prep cuda", "cuda"), ("prep reference", "reference")):
-            record(name, m, per_op_us(prep(impl), lambda i: data[i], r1, r2, reps), floor, torch_us, nbytes)
+            record(name, m, per_op_us(prep(impl), data, calls, rep_ms), floor, torch_us, nbytes)
         positions = [w4.route(ids, E, implementation="reference").positions for _, ids, _ in data]
         record("  gather_quantize cuda", m,
-               per_op_us(gather_op, lambda i: (data[i][0], positions[i], scale), r1, r2, reps), floor, torch_us, nbytes)
-        record("  route cuda", m, per_op_us(route_op("cuda"), lambda i: (data[i][1],), r1, r2, reps), floor, torch_us,
-               nbytes)
-        record("  route reference", m, per_op_us(route_op("reference"), lambda i: (data[i][1],), r1, r2, reps), floor,
-               torch_us, nbytes)
+               per_op_us(gather_op, [(x, p, scale) for (x, _, _), p in zip(data, positions)], calls, rep_ms),
+               floor, torch_us, nbytes)
+        for name, impl in (("  route cuda", "cuda"), ("  route reference", "reference")):
+            record(name, m, per_op_us(route_op(impl), [(ids,) for _, ids, _ in data], calls, rep_ms), floor,
+                   torch_us, nbytes)
         del data, positions
     for m in ROUTE_ONLY_M:
         nbytes = 8 * m * K
-        words = -(-nbytes // 8)
-        floor = per_op_us(lambda a: a + jnp.uint32(1), lambda i: (jnp.full((words,), i, jnp.uint32),), 4, 20, reps)
-        ids = [make_ids(m) for _ in range(20)]
+        floor = copy_floor_us(nbytes, 8, 16)
+        ids = [(make_ids(m),) for _ in range(16)]
         for name, impl in (("route cuda", "cuda"), ("route reference", "reference")):
-            record(name, m, per_op_us(route_op(impl), lambda i: (ids[i],), 4, 20, reps), floor, None, nbytes)
+            record(name, m, per_op_us(route_op(impl), ids, 8, rep_ms), floor, None, nbytes)
 
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(device=jax.devices()[0].device_kind, method="slope of chained jitted replicas, wall-clock "
-                           "medians", rows=rows), f, indent=1)
+            json.dump(dict(device=jax.devices()[0].device_kind, method="timing.time_jax, chained calls: " +
+                           timing.method(), rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -26,15 +26,18 @@ import json
 import os
 import re
 
-os.environ["W4AFP8_BENCH_TORCH"] = "0"  # before common: no torch in a process ncu profiles
+os.environ["W4AFP8_BENCH_TORCH"] = "0"  # before timing: no torch in a process ncu profiles
 
-import jax
-import jax.numpy as jnp
+import timing  # noqa: E402 - first: the JAX allocator flag and the import path
+import problems as P  # noqa: E402
+from bench_prep import PREP_M, SCALE  # noqa: E402
 
-from common import HIDDEN, NUM_EXPERTS, TOP_K, ncu_kernel_times, uniform_topk_ids  # first: puts the repo root on sys.path
-from bench_prep import PREP_M, SCALE
-import w4afp8_jax as w4
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 
+import w4afp8_jax as w4  # noqa: E402
+
+SHAPE = P.shape_for(dry_run=False)
 MARKER_KERNEL = "CombineKernel"
 
 
@@ -42,7 +45,7 @@ def launch(args) -> None:
     impl = args.implementation
 
     def prep(x, topk_ids, scale):
-        routing = w4.route(topk_ids, NUM_EXPERTS, implementation=impl)
+        routing = w4.route(topk_ids, SHAPE.experts, implementation=impl)
         rows, _ = w4.gather_quantize(x, routing.positions, scale, implementation=impl)
         return rows, routing.group_offsets
 
@@ -55,18 +58,19 @@ def launch(args) -> None:
     def mark():
         jax.block_until_ready(combine(*marker_inputs))
 
-    key = jax.random.PRNGKey(args.seed)
+    key = jax.random.key(args.prng_seed)
     order = []
     for m in args.tokens:
         keys = jax.random.split(jax.random.fold_in(key, m), 4)
-        inputs = [(jax.random.normal(keys[2 * i], (m, HIDDEN), jnp.bfloat16), uniform_topk_ids(keys[2 * i + 1], m),
-                   scale) for i in range(2)]
+        inputs = [(jax.random.normal(keys[2 * i], (m, SHAPE.hidden), jnp.bfloat16),
+                   P.uniform_topk_ids(keys[2 * i + 1], m, SHAPE.experts, SHAPE.top_k), scale) for i in range(2)]
         jax.block_until_ready(inputs)
         jax.block_until_ready(prep(*inputs[0]))  # compiles and warms up
         mark()
         jax.block_until_ready(prep(*inputs[1]))  # the measured call
         mark()
-        order.append(dict(M=m, E=NUM_EXPERTS, k=TOP_K, H=HIDDEN, bytes=m * HIDDEN * 2 + m * TOP_K * HIDDEN))
+        order.append(dict(M=m, E=SHAPE.experts, k=SHAPE.top_k, H=SHAPE.hidden,
+                          bytes=m * SHAPE.hidden * 2 + m * SHAPE.top_k * SHAPE.hidden))
     with open(args.order, "w") as f:
         json.dump(order, f)
 
@@ -87,7 +91,7 @@ def short_name(kernel: str, width: int = 60) -> str:
 
 def report(args) -> None:
     order = json.load(open(args.order))
-    kernels = ncu_kernel_times(args.csv)
+    kernels = timing.ncu_kernel_times(args.csv)
     marks = [i for i, (name, _) in enumerate(kernels) if MARKER_KERNEL in name]
     if len(marks) != 2 * len(order):
         raise SystemExit(f"expected {2 * len(order)} {MARKER_KERNEL} markers among the {len(kernels)} kernels "
@@ -112,11 +116,11 @@ def main() -> None:
     p.add_argument("--implementation", choices=("cuda", "reference"), default="cuda",
                    help="reference: the same steps without the CUDA module, to check the script off the GPU "
                         "(its output has no markers for `report`)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prng-seed", type=int, default=0)
     p = sub.add_parser("report")
     p.add_argument("--order", required=True)
     p.add_argument("--csv", required=True, help="ncu --csv output")
-    p.add_argument("--bandwidth", type=float, default=3.0e12, help="measured copy bandwidth, bytes/s")
+    p.add_argument("--bandwidth", type=float, default=4.2e12, help="measured copy bandwidth, bytes/s (H200: 4.2e12)")
     args = parser.parse_args()
     launch(args) if args.step == "launch" else report(args)
 
