@@ -4,7 +4,8 @@
 //   score = 1 / (1 + expf(-x))  (IEEE division, accurate expf: no fast-math flags);
 //   biased = score + bias;
 //   group score = the sum of the group's two largest biased values;
-//   weight = score / (score_0 + score_1 + ... in slot order), IEEE division.
+//   weight = score * (1 / (score_0 + score_1 + ... in slot order)), IEEE division (the form XLA
+//            gives a division by a broadcast sum, so the reference writes it so too).
 // Selection compares int32 keys that order floats like `<` does (-0 == +0) and put NaN below
 // every number (and "not a candidate" below NaN): a NaN logit or bias never wins over a number,
 // every id stays in [0, E) and distinct, and ties always go to the lower index.
@@ -148,12 +149,13 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
     total = scores[chosen[0]];
     for (int r = 1; r < top_k; ++r) total += scores[chosen[r]];
   }
+  const float inverse = 1.0f / total;
   for (int r = lane; r < top_k; r += 32) {
     const int id = chosen[r];
     const float s = scores[id];
     topk_ids[token * top_k + r] = id;
     topk_weights[token * top_k + r] =
-        !renormalize ? s : (total == 0.0f ? 1.0f / static_cast<float>(top_k) : s / total);
+        !renormalize ? s : (total == 0.0f ? 1.0f / static_cast<float>(top_k) : s * inverse);
   }
 }
 

@@ -12,8 +12,8 @@ namespace w4afp8 {
 // bias: [num_experts] f32 added to the scores for selection only, or nullptr for none.
 // Writes topk_weights f32 and topk_ids int32, both [num_tokens, top_k]: ids in decreasing
 // biased-score order (ties: lower expert index first), weights the unbiased scores
-// 1 / (1 + expf(-x)) of those experts, divided by their sum (added in slot order) when
-// renormalize. The arguments must satisfy (the FFI handler checks them):
+// 1 / (1 + expf(-x)) of those experts, times 1 / (their sum, added in slot order) when
+// renormalize (1 / top_k each where that sum is 0). The arguments must satisfy (the FFI handler checks them):
 //   1 <= num_experts <= kMaxExperts, num_experts % n_group == 0, num_experts / n_group >= 2,
 //   1 <= topk_group <= n_group, 1 <= top_k <= topk_group * (num_experts / n_group).
 // Any logit and bias values are accepted (NaN ranks below every number; see the .cu file).

@@ -15,7 +15,8 @@ so the ids must be equal exactly, order included. The weights are bitwise equal 
 and CUDA's expf agree (XLA lowers f32 exp to the same libdevice routine); WEIGHT_RTOL covers exp
 functions that differ by 1 ulp: that moves 1 + exp(-x) by at most 1 ulp after rounding, so
 each score by at most 2 ulps (1 ulp of input error plus 1 of rounding), the slot-order sum by
-at most 2 ulps relative and the quotient by at most 2 + 2 + 1 = 5 ulps: 8 ulps = 2**-21 relative.
+at most 2 ulps relative, its inverse by 3 and the weight score * inverse by at most
+2 + 3 + 1 = 6 ulps: 8 ulps = 2**-21 relative.
 """
 
 import jax

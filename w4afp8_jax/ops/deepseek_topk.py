@@ -8,7 +8,7 @@ to about 2 f32 ulps):
                                         sigmoid is this formula too)
     biased = score + bias               f32; selection only
     group score = biased[a] + biased[b] for the group's two largest biased values a, b
-    weights = score[id_j] / (score[id_0] + score[id_1] + ...)   sum in slot order
+    weights = score[id_j] * (1 / (score[id_0] + score[id_1] + ...))   sum in slot order
 
 Selection ranks biased values by an int32 key that orders floats like `<` (with -0 == +0),
 puts NaN below every number and the experts outside the kept groups below NaN; ties go to the
@@ -61,7 +61,8 @@ def select_experts(scores: jax.Array, bias: jax.Array | None, top_k: int, n_grou
 
 
 def chosen_weights(scores: jax.Array, ids: jax.Array, renormalize: bool) -> jax.Array:
-    """The chosen experts' scores, divided by their slot-order sum when renormalize; a sum of 0
+    """The chosen experts' scores, times the inverse of their slot-order sum when renormalize
+    (within 1.5 ulps of the quotient); a sum of 0
     (every chosen score underflowed to 0: logits below about -88) gives uniform weights."""
     w = jnp.take_along_axis(scores, ids, axis=1)
     if not renormalize:
@@ -71,8 +72,10 @@ def chosen_weights(scores: jax.Array, ids: jax.Array, renormalize: bool) -> jax.
     for j in range(1, top_k):  # slot order, as the kernel adds them
         total = total + w[:, j]
     total = total[:, None]
-    safe = jnp.where(total == 0, np.float32(1), total)  # no 0 / 0, not even in the unused branch
-    return jnp.where(total == 0, np.float32(1) / np.float32(top_k), w / safe)
+    # w * (1 / total), written so: XLA rewrites a division by a broadcast into this anyway, so
+    # spelling it out keeps the kernel (which does the same) bitwise equal on every backend.
+    inverse = 1 / jnp.where(total == 0, np.float32(1), total)  # no 1 / 0, not even in the unused branch
+    return jnp.where(total == 0, np.float32(1) / np.float32(top_k), w * inverse)
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
