@@ -2,12 +2,8 @@
 slices are the full weights' rows/columns, and the layer equals the one-device layer within
 the bound of its extra bf16 roundings for 2, 4 and 8 devices.
 
-Bound (moe_tensor_parallel's docstring): each device rounds its GEMM 2 partial sum c2_r to
-bf16 (unit roundoff u = 2^-8), the shares are added in f32 and rounded once; `moe` rounds
-the whole c2 once and its combine once. Per element
-    |tp - one| <= u * (rsf * sum_j |w_j| * (sum_r |c2_r| + |c2|) + |tp| + |one|) (1 + 1%),
-computed here from the reference ops. The norm of that bound bounds the norm of the error;
-on top, rare fp8 code flips of h (XLA's CPU dot blocks the K sums differently for a narrower
+Bound: parallel_checks.tensor_parallel_bound, per element, from the reference ops. The norm
+of that bound bounds the norm of the error; on top, rare fp8 code flips of h (XLA's CPU dot blocks the K sums differently for a narrower
 N, measured: ~3e-5 of c1 values flip one bf16 ulp at P = 8) get the 5e-3 relative norm
 allowance of test_expert_parallel.py, and 99% of the elements must meet the per-element
 bound. A wrong slice, row order or scale gives O(1) errors.
@@ -20,10 +16,10 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import w4afp8_jax as w4
+from parallel_checks import tensor_parallel_bound
 
 E, H, INTER, TOKENS, TOP_K = 16, 256, 1024, 32, 4
 RSF = 2.5
-U = 2.0**-8  # bf16 unit roundoff
 
 
 def random_weights(rng, n, k, e=E):
@@ -89,19 +85,6 @@ def test_host_weights_stay_on_the_host(layer_weights):
                                   np.asarray(w2.dequantize())[:, :, INTER // 2:])
 
 
-def single_device_parts(x, ids, tw, w13, w2, size, scales):
-    """c2 (one device) and the P GEMM 2 partials c2_r, from the reference ops, and positions."""
-    routing = w4.route(ids, E, implementation="reference")
-    q1, s1 = w4.gather_quantize(x, routing.positions, scales.get("a1_scale"), implementation="reference")
-    c1 = w4.grouped_gemm(q1, s1, w13, routing.group_offsets, implementation="reference")
-    q2, s2 = w4.silu_mul_quantize(c1, routing.group_offsets, scales.get("a2_scale"), implementation="reference")
-    c2 = w4.grouped_gemm(q2, s2, w2, routing.group_offsets, implementation="reference")
-    part = INTER // size
-    partials = [w4.grouped_gemm(q2[:, r * part:(r + 1) * part], s2, w4.tensor_parallel_slice(w13, w2, r, size)[1],
-                                routing.group_offsets, implementation="reference") for r in range(size)]
-    return c2, partials, routing.positions
-
-
 # Every size, routing and scale kind, both token placements (skewed: sharded), without the full product.
 @pytest.mark.parametrize("size,kind,static", [
     (2, "uniform", True), (2, "skewed", False), (2, "dropped", False), (4, "uniform", False), (4, "skewed", True),
@@ -125,13 +108,8 @@ def test_tensor_parallel_layer_equals_single_device(rng, layer_weights, size, ki
                              **scales).astype(jnp.float32))
     assert np.linalg.norm(want) > 0 and np.all(np.isfinite(got))
 
-    c2, partials, positions = single_device_parts(x, ids, tw, w13, w2, size, scales)
-    magnitude = sum(np.abs(np.asarray(p, np.float32)) for p in partials) + np.abs(np.asarray(c2, np.float32))
-    pos = np.asarray(positions)
-    kept = pos >= 0
-    weights = np.where(kept, np.abs(np.asarray(tw)), 0.0)
-    a = RSF * np.einsum("mk,mkh->mh", weights, magnitude[np.where(kept, pos, 0)])
-    bound = U * (a + np.abs(got) + np.abs(want)) * 1.01
+    bound = tensor_parallel_bound(x, ids, tw, w13, w2, size, got=got, want=want, routed_scaling_factor=RSF,
+                                  implementation="reference", **scales)
     err = np.abs(got - want)
     within = np.mean(err <= bound)
     rel = np.linalg.norm(got - want) / np.linalg.norm(want)
