@@ -113,13 +113,14 @@ def over_layers(body, carry, layers, loop: str, collect: bool):
 
 
 def program(body, loop: str, passes: int, collect: bool = False):
-    """A function (carry, layers) -> (carry, ys) running `passes` passes over the layers; ys of
-    the last pass only."""
+    """A function (carry, layers) -> (carry, ys) running `passes` passes over the layers; ys
+    (when collect) of the last pass. The passes are a fori_loop with a static trip count (no
+    host round trip per pass), so an unrolled layer stack is traced and compiled once."""
     def run(carry, layers):
-        ys = None
-        for i in range(passes):
-            carry, ys = over_layers(body, carry, layers, loop, collect and i == passes - 1)
-        return carry, ys
+        repeated = passes - 1 if collect else passes
+        if repeated:
+            carry = jax.lax.fori_loop(0, repeated, lambda _, c: over_layers(body, c, layers, loop, False)[0], carry)
+        return over_layers(body, carry, layers, loop, True) if collect else (carry, None)
     return run
 
 
@@ -190,7 +191,14 @@ def choose_loop(requested: str, body, carry, stacked: dict, extra: dict, slice_b
     for loop in (LOOPS if requested == "auto" else (requested,)):
         if loop == "unrolled":  # nothing to probe: no slices
             return loop, notes
-        compiled = compile_program(body, loop, 1, carry, layer_args(stacked, extra, loop))
+        try:
+            compiled = compile_program(body, loop, 1, carry, layer_args(stacked, extra, loop))
+        except Exception as err:  # noqa: BLE001 - e.g. dynamic-slice fusion refusing the program
+            if requested != "auto":
+                raise
+            notes[loop] = {"error": timing.error_text(err)}
+            print(f"  loop {loop}: does not compile ({notes[loop]['error']})", flush=True)
+            continue
         t = temp_bytes(compiled)
         copies = t is not None and t >= slice_bytes // 2
         notes[loop] = {"temp_bytes": t, "copies_weights": copies}
@@ -217,7 +225,7 @@ def time_per_layer(body, loop: str, carry, layers, num_layers: int, min_reps: in
         times[passes] = timing.wall_median(lambda: jax.block_until_ready(compiled(carry, layers)), reps)
         times[f"temp_bytes_{passes}"] = temp_bytes(compiled)
     seconds, details = timing.slope(times[1], times[2], num_layers)
-    details.update(temp_bytes=times["temp_bytes_1"])
+    details.update(temp_bytes_1=times["temp_bytes_1"], temp_bytes_2=times["temp_bytes_2"])
     return seconds, details, outputs
 
 
@@ -336,6 +344,9 @@ def run_batch(args, shape, b: int, key, weights, loop: str, body_of: dict, rates
         seconds, details, ys = time_per_layer(body_of[name], loop, carries[name], layers, num_layers, args.reps,
                                               collect=name == "layer_router")
         row[f"{name}_us"], row[f"{name}_timing"] = seconds * 1e6, details
+        if max(details["temp_bytes_1"] or 0, details["temp_bytes_2"] or 0) >= args.copy_alarm_bytes:
+            print(f"  WARNING B={b} {name}: {max(details['temp_bytes_1'] or 0, details['temp_bytes_2'] or 0) / 2**20:.0f}"
+                  " MiB of temporaries: the program may copy weights (time includes the copies)", flush=True)
         if name == "layer_router":
             row["router_hit"] = mean_hit(ys, shape)
     row["uniform_hit"] = mean_hit(uniform["ids"], shape)
@@ -462,6 +473,7 @@ def main() -> None:
     loop, loop_notes = choose_loop(args.loop, body_of["layer_uniform"],
                                    jax.random.normal(jax.random.fold_in(key, 4), (b0, shape.hidden), jnp.bfloat16),
                                    weights, probe, smallest_slice, args.dry_run)
+    args.copy_alarm_bytes = float("inf") if args.dry_run else smallest_slice // 2
     print(f"layer loop: {loop}", flush=True)
     if loop == "unrolled":
         weights = unstack(weights)  # separate per-layer buffers, made once; the stack is freed
