@@ -1,11 +1,13 @@
-"""Argument checks shared by the public ops.
+"""Argument checks shared by the public ops, and the guard that makes differentiation fail
+loudly.
 
-Every check runs on shapes and dtypes only (static under jit), before any computation, and
-raises an error that names the offending argument.
+Every check runs on shapes, dtypes and concrete (non-traced) values only, before any
+computation, and raises an error that names the offending argument.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -16,6 +18,9 @@ from . import _backend
 
 FP8_DTYPE = jnp.float8_e4m3fn
 FP8_MAX = 448.0
+# Smallest normal f32 (2**-126). Scales below it are subnormal, which XLA on the CPU flushes to
+# zero (0 / scale would become NaN there): activation scales must be at least this.
+MIN_SCALE = float(np.finfo(np.float32).tiny)
 MAX_EXPERTS = _backend.limits().max_experts
 
 
@@ -51,11 +56,24 @@ def require_num_experts(num_experts) -> int:
     return int(num_experts)
 
 
+def int32_offsets(group_offsets, num_rows: int) -> jax.Array:
+    """group_offsets as int32. Other integer dtypes are first clipped into [0, num_rows] (on the
+    host for host arrays), so no value wraps around when narrowed; for the ops that take
+    offsets, clipping into [0, R] never changes the result."""
+    dtype = np.dtype(group_offsets.dtype) if hasattr(group_offsets, "dtype") else np.asarray(group_offsets).dtype
+    if dtype == np.int32:
+        return jnp.asarray(group_offsets)
+    if not isinstance(group_offsets, jax.Array):
+        return jnp.asarray(np.clip(np.asarray(group_offsets), 0, num_rows).astype(np.int32))
+    return jnp.clip(group_offsets, 0, num_rows).astype(jnp.int32)
+
+
 def check_static_scale(name: str, scale) -> jax.Array | None:
     """Returns the scale as an f32 scalar array; None stays None (dynamic scaling).
 
-    A concrete scale (Python number or concrete array) must be finite and positive; a traced
-    scale cannot be inspected and is the caller's responsibility.
+    A concrete scale (Python number or concrete array) must be finite and at least MIN_SCALE
+    (2**-126, the smallest normal f32) once rounded to f32; a traced scale cannot be inspected
+    and is the caller's responsibility.
     """
     if scale is None:
         return None
@@ -73,6 +91,43 @@ def check_static_scale(name: str, scale) -> jax.Array | None:
         raise ValueError(f"{name} must be finite and positive, got {v}")
     with np.errstate(over="ignore", under="ignore"):
         v32 = np.float32(v)
-    if not np.isfinite(v32) or v32 <= 0.0:  # e.g. 1e-50 or 1e39: zero or inf once in f32
-        raise ValueError(f"{name} must be finite and positive in float32, got {v}")
+    if not np.isfinite(v32):  # e.g. 1e39: inf once in f32
+        raise ValueError(f"{name} must be finite in float32 (at most {np.finfo(np.float32).max:.4g}), got {v}")
+    if v32 < MIN_SCALE:  # zero or subnormal in f32, e.g. 1e-39 or 1e-50
+        raise ValueError(f"{name} must be at least the smallest normal float32 ({MIN_SCALE:.6g} = 2**-126), "
+                         f"got {v}: XLA on the CPU flushes subnormal scales to zero")
     return jnp.asarray(v32, dtype=jnp.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Differentiation
+# ---------------------------------------------------------------------------------------------
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _no_derivative(message: str, x):
+    return x
+
+
+@_no_derivative.defjvp
+def _no_derivative_jvp(message, primals, tangents):
+    raise TypeError(message)
+
+
+QUANTIZED = ("the fp8 quantization it applies is piecewise constant, and this library defines no "
+             "surrogate (e.g. straight-through) gradient for it")
+NO_RULE = "the CUDA kernels have no derivative (transpose) rule, and the reference path follows them"
+
+
+def not_differentiable(op: str, name: str, x, reason: str = QUANTIZED):
+    """x unchanged; differentiating the result with respect to anything x depends on raises a
+    TypeError naming `op`, `name` and `reason` when JAX traces the derivative (jax.grad,
+    jax.jvp, jax.vjp, jax.linearize), instead of returning a zero or meaningless gradient.
+
+    Only tracers can carry a derivative, so concrete (host or device) arrays pass through
+    untouched; under jit without differentiation the guard is an identity that XLA removes.
+    """
+    if not isinstance(x, jax.core.Tracer):
+        return x
+    message = (f"{op} is not differentiable with respect to {name}: {reason}. Differentiate with "
+               f"respect to other arguments only (wrap {name} in jax.lax.stop_gradient), or define "
+               "your own rule with jax.custom_jvp / jax.custom_vjp.")
+    return _no_derivative(message, x)

@@ -1,11 +1,23 @@
-"""Per-tensor fp8 (e4m3) activation quantization."""
+"""Per-tensor fp8 (e4m3) activation quantization: the rules every quantizer of the package
+follows, on the reference and the CUDA path (docs/numerics.md, "Rules").
+
+- q = saturate(x / scale) to [-448, 448], rounded to nearest even e4m3; the division is the
+  IEEE f32 division (not a multiply by the reciprocal).
+- Non-finite input: +-inf saturates to +-448; NaN stays NaN (in its own element only).
+- A dynamic scale is amax / 448, with amax the largest |x| over the *finite* elements, so one
+  inf or NaN never changes how the other elements (tokens) are quantized.
+- Scales are normal f32 numbers (>= MIN_SCALE = 2**-126): XLA on the CPU flushes subnormal f32
+  to zero, so a subnormal divisor would turn 0 / scale into NaN there. Static scales below it
+  are rejected (`_validate.check_static_scale`); a dynamic scale is clamped up to it, and a
+  tensor with amax below it (all zeros, empty, or only subnormal/non-finite values) gets scale 1.
+"""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from ._validate import FP8_DTYPE, FP8_MAX, check_static_scale, require_floating
+from ._validate import FP8_DTYPE, FP8_MAX, MIN_SCALE, check_static_scale, not_differentiable, require_floating
 
 
 def exact_divide(x: jax.Array, divisor) -> jax.Array:
@@ -16,33 +28,58 @@ def exact_divide(x: jax.Array, divisor) -> jax.Array:
 
 
 def saturate_to_fp8(x_f32: jax.Array, scale: jax.Array) -> jax.Array:
-    """q = saturate(x / scale) to [-448, 448], rounded to nearest even e4m3.
+    """q = saturate(x / scale) to [-448, 448], rounded to nearest even e4m3; +-inf gives +-448
+    and NaN stays NaN (clip keeps NaN; e4m3fn has a NaN code).
 
     The division (not a multiply by the reciprocal) is the definition the kernels reproduce.
     """
     return jnp.clip(exact_divide(x_f32, scale), -FP8_MAX, FP8_MAX).astype(FP8_DTYPE)
 
 
+def finite_amax(x_f32: jax.Array) -> jax.Array:
+    """max |x| over the finite elements of x as an f32 scalar; 0 when there are none (empty x
+    included)."""
+    x_f32 = jnp.asarray(x_f32, jnp.float32)
+    return jnp.max(jnp.where(jnp.isfinite(x_f32), jnp.abs(x_f32), 0.0), initial=0.0)
+
+
 def scale_from_amax(amax: jax.Array) -> jax.Array:
-    """amax / 448 as an f32 scalar; amax = 0 (an all-zero tensor) gets scale 1."""
+    """The dynamic scale for a tensor whose finite amax is `amax`, as an f32 scalar:
+    max(amax / 448, MIN_SCALE), or 1 when amax < MIN_SCALE (zero, subnormal, or NaN).
+
+    amax / 448 puts the largest finite element exactly on +-448. Below MIN_SCALE the quotient
+    would be subnormal, which XLA on the CPU flushes to zero, so it is clamped up to MIN_SCALE
+    (a tensor with amax < 448 * MIN_SCALE then uses less than the full fp8 range). An amax
+    below MIN_SCALE is itself subnormal or zero, read as zero on the CPU, so such a tensor is
+    treated like an all-zero one on both paths: scale 1 (every element quantizes to 0).
+    """
     amax = jnp.asarray(amax, jnp.float32)
-    return jnp.where(amax > 0, exact_divide(amax, FP8_MAX), 1.0).astype(jnp.float32)
+    scaled = jnp.maximum(exact_divide(amax, FP8_MAX), MIN_SCALE)
+    return jnp.where(amax >= MIN_SCALE, scaled, 1.0).astype(jnp.float32)
 
 
 def dynamic_scale(x_f32: jax.Array) -> jax.Array:
-    """amax(|x|) / 448 as an f32 scalar; an all-zero tensor gets scale 1."""
-    return scale_from_amax(jnp.max(jnp.abs(x_f32)))
+    """The dynamic per-tensor scale of x: `scale_from_amax(finite_amax(x))`."""
+    return scale_from_amax(finite_amax(x_f32))
 
 
 def quantize_fp8(x, scale=None) -> tuple[jax.Array, jax.Array]:
     """Quantizes x to fp8 e4m3 with one per-tensor scale: returns (q, scale).
 
-    scale=None computes the scale from the data (amax / 448). Values beyond the range saturate
-    to +-448; overflow never produces NaN.
+    x: any float array (any shape, empty included), computed on in f32. scale: a positive
+    normal f32 number (>= 2**-126; a Python number, a scalar array, or a traced scalar, which
+    cannot be checked), or None for the dynamic scale amax / 448 over the finite elements of x
+    (1 when x has no finite nonzero element). q = saturate(x / scale) to [-448, 448], rounded to
+    nearest even: values beyond the range and +-inf saturate to +-448; NaN stays NaN.
+
+    Raises ValueError / TypeError for a non-float x or a bad static scale. Not differentiable:
+    `jax.grad` through it raises TypeError (quantization is piecewise constant).
     """
     require_floating("x", x)
-    x = jnp.asarray(x).astype(jnp.float32)
+    x = not_differentiable("quantize_fp8", "x", jnp.asarray(x)).astype(jnp.float32)
     scale = check_static_scale("scale", scale)
     if scale is None:
         scale = dynamic_scale(x)
+    else:
+        scale = not_differentiable("quantize_fp8", "scale", scale)
     return saturate_to_fp8(x, scale), scale

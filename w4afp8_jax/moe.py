@@ -7,12 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _backend
-from ._validate import check_static_scale, require_floating, require_integer, require_rank
-from .ops.silu_mul_quantize import silu_mul_quantize
-from .ops.combine import combine
-from .ops.gather_quantize import gather_quantize
-from .ops.grouped_gemm import grouped_gemm
+from ._validate import check_static_scale, not_differentiable, require_floating, require_integer, require_rank
+from .fp8 import dynamic_scale
+from .ops.combine import check_routed_scaling_factor, combine_unchecked
+from .ops.gather_quantize import gather_quantize_unchecked
+from .ops.grouped_gemm import grouped_gemm_unchecked, is_exact, weights_not_differentiable
 from .ops.route import route
+from .ops.silu_mul_quantize import kept_silu_mul, silu_mul_quantize_unchecked
 from .weights import W4Weights
 
 
@@ -26,6 +27,7 @@ def check_moe_args(x, topk_ids, topk_weights, w13, w2) -> None:
     for name, w in (("w13", w13), ("w2", w2)):
         if not isinstance(w, W4Weights):
             raise TypeError(f"{name} must be a W4Weights, got {type(w).__name__}")
+        w.require_one_set(name)
     m, h = np.shape(x)
     if np.shape(topk_ids)[0] != m:
         raise ValueError(f"topk_ids must have one row per token of x ({m}), got shape {tuple(np.shape(topk_ids))}")
@@ -47,22 +49,42 @@ def check_moe_args(x, topk_ids, topk_weights, w13, w2) -> None:
 
 def moe(x, topk_ids, topk_weights, w13: W4Weights, w2: W4Weights, *, a1_scale=None, a2_scale=None,
         routed_scaling_factor: float = 1.0, precision=None, implementation: str = "auto") -> jax.Array:
-    """One W4AFP8 MoE feed-forward block: bf16 [M, H].
+    """One W4AFP8 MoE feed-forward block (docs/numerics.md, steps 1-6): bf16 [M, H].
 
     x: float [M, H]; topk_ids: integer [M, k] (ids outside [0, E) are dropped slots);
     topk_weights: float [M, k]; w13: W4Weights [E, 2I, H] (gate rows, then up rows);
-    w2: W4Weights [E, H, I]. a1_scale / a2_scale: static per-tensor activation scales of the
-    two GEMM inputs, or None for dynamic per-tensor scales computed on the device.
+    w2: W4Weights [E, H, I]. Host (numpy) or device arrays. M = 0 or k = 0 are valid (an idle
+    rank's empty batch gives [0, H]; k = 0 gives zeros) and launch no kernel.
+    a1_scale / a2_scale: static per-tensor activation scales of the two GEMM inputs (finite,
+    >= 2**-126), or None for dynamic per-tensor scales computed on the device (amax / 448 over
+    the finite values; see `w4afp8_jax.quantize_fp8` for the non-finite rules: an inf in x
+    saturates, a NaN stays in its own token). routed_scaling_factor: static finite number.
     precision: None / DEFAULT lets the GEMMs use Hopper's fp8 tensor-core accumulation where it
     is faster; HIGHEST keeps the exact f32 sum of every K group (see `grouped_gemm`).
+
+    Differentiation: exact with respect to topk_weights (the output is linear in them);
+    jax.grad with respect to x, a1_scale, a2_scale or the weight scales raises TypeError
+    (quantized activations have no useful derivative; no surrogate gradient is defined).
     """
     check_moe_args(x, topk_ids, topk_weights, w13, w2)
     a1_scale = check_static_scale("a1_scale", a1_scale)
     a2_scale = check_static_scale("a2_scale", a2_scale)
+    rsf = check_routed_scaling_factor(routed_scaling_factor)
+    exact = is_exact(precision)
     impl = _backend.resolve(implementation)
+    x = not_differentiable("moe", "x", jnp.asarray(x))
+    scale1 = dynamic_scale(x.astype(jnp.float32)) if a1_scale is None else not_differentiable("moe", "a1_scale", a1_scale)
+    w13 = weights_not_differentiable("moe", "w13", w13)
+    w2 = weights_not_differentiable("moe", "w2", w2)
+
+    # Every step below takes checked arguments; route's offsets are ordered and within [0, R].
     routing = route(topk_ids, w13.num_experts, implementation=impl)
-    q1, s1 = gather_quantize(x, routing.positions, a1_scale, implementation=impl)
-    c1 = grouped_gemm(q1, s1, w13, routing.group_offsets, precision=precision, implementation=impl)
-    q2, s2 = silu_mul_quantize(c1, routing.group_offsets, a2_scale, implementation=impl)
-    c2 = grouped_gemm(q2, s2, w2, routing.group_offsets, precision=precision, implementation=impl)
-    return combine(c2, routing.positions, jnp.asarray(topk_weights), routed_scaling_factor, implementation=impl)
+    q1 = gather_quantize_unchecked(x, routing.positions, scale1, impl)
+    c1 = grouped_gemm_unchecked(q1, scale1, w13, routing.group_offsets, exact=exact, impl=impl)
+    if a2_scale is None:
+        scale2 = dynamic_scale(kept_silu_mul(c1, routing.group_offsets))
+    else:
+        scale2 = not_differentiable("moe", "a2_scale", a2_scale)
+    q2 = silu_mul_quantize_unchecked(c1, routing.group_offsets, scale2, impl)
+    c2 = grouped_gemm_unchecked(q2, scale2, w2, routing.group_offsets, exact=exact, impl=impl)
+    return combine_unchecked(c2, routing.positions, jnp.asarray(topk_weights), rsf, impl)

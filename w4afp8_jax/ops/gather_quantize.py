@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import _backend
-from .._validate import FP8_DTYPE, check_static_scale, require_floating, require_integer, require_rank
+from .._validate import (FP8_DTYPE, check_static_scale, not_differentiable, require_floating, require_integer,
+                         require_rank)
 from ..fp8 import dynamic_scale, saturate_to_fp8
 
 
@@ -37,20 +38,39 @@ def _gather_quantize_cuda(x: jax.Array, positions: jax.Array, scale: jax.Array) 
 
 def gather_quantize(x, positions, scale=None, *, implementation: str = "auto") -> tuple[jax.Array, jax.Array]:
     """Writes fp8 rows of x in expert order: row positions[t, j] of the result is
-    saturate(x[t] / scale). Returns (rows [M*k, H] fp8, scale).
+    saturate(x[t] / scale). Returns (rows [M*k, H] fp8, scale f32 []).
 
-    x: bf16 [M, H] (other float dtypes are cast to bf16 on the CUDA path); positions from
-    `route`. scale=None computes amax(|x|) / 448 on the device. Rows that no slot maps to
-    (those at or past group_offsets[E]) are unspecified on the CUDA path and zero on the
-    reference path; no later step reads them.
+    x: float [M, H] (bf16 on the CUDA path; other float dtypes are cast to bf16 there);
+    positions: integer [M, k] from `route`. M, k or H may be 0 (an empty result, no kernel
+    launch). scale: static per-tensor f32 scale (>= 2**-126), or None for amax / 448 over the
+    finite values of x (`w4afp8_jax.quantize_fp8` gives the rules: +-inf saturates to +-448,
+    NaN stays NaN in its own token's rows).
+
+    Positions outside [0, M*k) are dropped slots and write nothing. Rows that no slot maps to
+    (those at or past group_offsets[E] for `route`'s positions) are unspecified on the CUDA
+    path and zero on the reference path; no later step reads them. If two slots name the same
+    row (never the case for `route`'s positions), that row holds one of them, unspecified which.
+    Not differentiable (raises TypeError under jax.grad).
     """
     require_rank("x", x, 2)
     require_floating("x", x)
     check_positions(positions, np.shape(x)[0])
-    x, positions = jnp.asarray(x), jnp.asarray(positions)
     scale = check_static_scale("scale", scale)
+    impl = _backend.resolve(implementation)
+    x = not_differentiable("gather_quantize", "x", jnp.asarray(x))
+    positions = jnp.asarray(positions)
     if scale is None:
         scale = dynamic_scale(x.astype(jnp.float32))
-    if _backend.resolve(implementation) == "cuda":
-        return _gather_quantize_cuda(x, positions, scale), scale
-    return gather_quantize_reference(x, positions, scale), scale
+    else:
+        scale = not_differentiable("gather_quantize", "scale", scale)
+    return gather_quantize_unchecked(x, positions, scale, impl), scale
+
+
+def gather_quantize_unchecked(x: jax.Array, positions: jax.Array, scale: jax.Array, impl: str) -> jax.Array:
+    """gather_quantize's rows for checked arguments and a resolved implementation."""
+    m, k = positions.shape
+    if m * k * x.shape[1] == 0:  # nothing to write: no kernel launch (static shapes, jit-safe)
+        return jnp.zeros((m * k, x.shape[1]), FP8_DTYPE)
+    if impl == "cuda":
+        return _gather_quantize_cuda(x, positions, scale)
+    return gather_quantize_reference(x, positions, scale)

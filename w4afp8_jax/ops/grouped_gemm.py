@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -9,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import _backend
-from .._validate import FP8_DTYPE, check_static_scale, require_dtype, require_integer, require_rank
+from .._validate import (FP8_DTYPE, NO_RULE, check_static_scale, int32_offsets, not_differentiable, require_dtype,
+                         require_integer, require_rank)
 from ..weights import W4Weights, unpack_int4, untile_packed
 
 
@@ -67,6 +69,7 @@ def grouped_gemm_reference(lhs: jax.Array, lhs_scale: jax.Array, rhs: W4Weights,
     Rows are processed in (tile, expert) pairs so the cost stays near R * N * K however the
     rows are spread over experts.
     """
+    rhs = rhs.selected()
     num_rows, k = lhs.shape
     num_experts, n, _ = rhs.packed.shape
     gs = rhs.group_size
@@ -75,7 +78,7 @@ def grouped_gemm_reference(lhs: jax.Array, lhs_scale: jax.Array, rhs: W4Weights,
     padded = math.ceil(num_rows / tile) * tile
     num_pairs = _num_pairs(num_rows, num_experts, tile)
 
-    experts = row_experts(jnp.clip(group_offsets, 0, num_rows), padded)
+    experts = row_experts(ordered_offsets(group_offsets, num_rows), padded)
     rows = jnp.arange(padded)
     starts_pair = (experts < num_experts) & ((rows % tile == 0) | (experts != jnp.roll(experts, 1)))
     (pair_rows,) = jnp.nonzero(starts_pair, size=num_pairs, fill_value=padded)
@@ -104,12 +107,16 @@ def grouped_gemm_reference(lhs: jax.Array, lhs_scale: jax.Array, rhs: W4Weights,
 def _grouped_gemm_cuda(lhs, lhs_scale, rhs: W4Weights, group_offsets, *, exact: bool,
                        config: str | None = None) -> jax.Array:
     out_type = jax.ShapeDtypeStruct((lhs.shape[0], rhs.out_features), jnp.bfloat16)
+    # A layer() view passes the whole stack and the index: the kernel reads the layer in place.
+    index = jnp.zeros((1,), jnp.int32) if rhs.index is None else jnp.reshape(rhs.index, (1,))
+    _, n, half_k = rhs.packed.shape[-3:]
     return _backend.ffi_call("grouped_gemm", out_type)(
-        lhs,                                # fp8 [R, K], rows in expert order
-        jnp.reshape(lhs_scale, (1,)),       # f32 [1]
-        rhs.packed,                         # uint8 [E, N, K/2]
-        rhs.scales,                         # f32 [E, N, K/128]
-        group_offsets,                      # int32 [E+1]
+        lhs,                                        # fp8 [R, K], rows in expert order
+        jnp.reshape(lhs_scale, (1,)),               # f32 [1]
+        jnp.reshape(rhs.packed, (-1, n, half_k)),   # uint8 [L * E, N, K/2]
+        jnp.reshape(rhs.scales, (-1, n, rhs.scales.shape[-1])),  # f32 [L * E, N, K/128]
+        index.astype(jnp.int32),                    # int32 [1]: the layer of the stack
+        group_offsets,                              # int32 [E+1]
         config=config or "",                # a name from grouped_gemm_configs(); "" = heuristic
         tiled_layout=rhs.layout == "tiled",
         exact=bool(exact))
@@ -120,6 +127,7 @@ def check_grouped_gemm_args(lhs, rhs, group_offsets) -> None:
     require_dtype("lhs", lhs, FP8_DTYPE)
     if not isinstance(rhs, W4Weights):
         raise TypeError(f"rhs must be a W4Weights, got {type(rhs).__name__}")
+    rhs.require_one_set("rhs")
     if np.shape(lhs)[1] != rhs.in_features:
         raise ValueError(f"lhs has K = {np.shape(lhs)[1]} columns but rhs expects K = {rhs.in_features}")
     require_rank("group_offsets", group_offsets, 1)
@@ -129,14 +137,32 @@ def check_grouped_gemm_args(lhs, rhs, group_offsets) -> None:
                          f"got {np.shape(group_offsets)[0]}")
 
 
+def weights_not_differentiable(op: str, name: str, w: W4Weights) -> W4Weights:
+    """w with its scales guarded by `not_differentiable` (packed bytes are integers)."""
+    scales = not_differentiable(op, f"{name}.scales", w.scales, NO_RULE)
+    return w if scales is w.scales else dataclasses.replace(w, scales=scales)
+
+
+def ordered_offsets(group_offsets: jax.Array, num_rows: int) -> jax.Array:
+    """The offsets grouped_gemm computes with: clipped into [0, R], then made non-decreasing by
+    a running maximum. Offsets from `route` are unchanged by this. The CUDA kernels apply the
+    same rule on the device (ffi_cuda/grouped_gemm/schedule.cuh); the reference applies it here."""
+    return jax.lax.cummax(jnp.clip(group_offsets, 0, num_rows))
+
+
 def grouped_gemm(lhs, lhs_scale, rhs: W4Weights, group_offsets, *, precision=None,
                  implementation: str = "auto", config: str | None = None) -> jax.Array:
     """bf16 [R, N]: rows group_offsets[e]..group_offsets[e+1] of fp8 lhs [R, K] times expert
-    e's int4 weights (docs/numerics.md, steps 3 and 5). Rows at or past group_offsets[E] come out as zeros.
+    e's int4 weights, times lhs_scale (docs/numerics.md, steps 3 and 5).
 
-    group_offsets must be non-decreasing with group_offsets[0] = 0 and group_offsets[E] <= R
-    (as `route` produces); the CUDA kernel clamps offsets into [0, R] so bad offsets can never
-    make it read or write out of bounds.
+    lhs: fp8 e4m3 [R, K] (R = 0 gives [0, N] without a kernel launch); lhs_scale: the f32
+    scale lhs was quantized with (>= 2**-126); rhs: W4Weights [E, N, K/2] (host or device
+    arrays); group_offsets: integer [E+1], as `route` produces them.
+
+    Any group_offsets are safe and give a defined result: they are clipped into [0, R] and made
+    non-decreasing by a running maximum (`ordered_offsets`; route's offsets are unchanged by
+    it); expert e then owns rows [o[e], o[e+1]), and rows no expert owns (before o[0], or at or
+    past o[E]) come out as zeros.
 
     precision (see `is_exact`): DEFAULT lets the CUDA path use Hopper's fp8 wgmma tensor cores
     when experts average enough rows (prefill); wgmma adds the products of one K = 32
@@ -148,14 +174,26 @@ def grouped_gemm(lhs, lhs_scale, rhs: W4Weights, group_offsets, *, precision=Non
     to force (tuning and benchmarks); None lets the heuristic choose from the static sizes.
     Forcing an inexact configuration with an exact precision raises. Ignored by the
     reference path.
+
+    Not differentiable (jax.grad with respect to lhs, lhs_scale or rhs.scales raises TypeError).
     """
     check_grouped_gemm_args(lhs, rhs, group_offsets)
     exact = is_exact(precision)
     if lhs_scale is None:
         raise ValueError("lhs_scale is required (the f32 scale lhs was quantized with)")
-    scale = check_static_scale("lhs_scale", lhs_scale)
-    lhs, group_offsets = jnp.asarray(lhs), jnp.asarray(group_offsets).astype(jnp.int32)
-    if _backend.resolve(implementation) == "cuda":
+    scale = not_differentiable("grouped_gemm", "lhs_scale", check_static_scale("lhs_scale", lhs_scale), NO_RULE)
+    impl = _backend.resolve(implementation)
+    lhs = not_differentiable("grouped_gemm", "lhs", jnp.asarray(lhs), NO_RULE)
+    rhs = weights_not_differentiable("grouped_gemm", "rhs", rhs)
+    group_offsets = int32_offsets(group_offsets, lhs.shape[0])
+    return grouped_gemm_unchecked(lhs, scale, rhs, group_offsets, exact=exact, impl=impl, config=config)
+
+
+def grouped_gemm_unchecked(lhs: jax.Array, lhs_scale: jax.Array, rhs: W4Weights, group_offsets: jax.Array, *,
+                           exact: bool, impl: str, config: str | None = None) -> jax.Array:
+    """grouped_gemm for checked arguments, int32 offsets and a resolved implementation."""
+    rhs = jax.tree.map(jnp.asarray, rhs)  # host (numpy) weights, e.g. closed over under jit
+    if impl == "cuda":
         limits = _backend.limits()
         if rhs.group_size != limits.group_size:
             raise ValueError(f"rhs.group_size must be {limits.group_size} on the CUDA path, got {rhs.group_size}")
@@ -164,5 +202,8 @@ def grouped_gemm(lhs, lhs_scale, rhs: W4Weights, group_offsets, *, precision=Non
                              "on the CUDA path")
         if config is not None:
             _backend.check_gemm_config("config", config, exact=exact)
-        return _grouped_gemm_cuda(lhs, scale, rhs, group_offsets, exact=exact, config=config)
-    return grouped_gemm_reference(lhs, scale, rhs, group_offsets)
+    if lhs.shape[0] * rhs.out_features == 0:  # no rows: no kernel launch (static shapes, jit-safe)
+        return jnp.zeros((lhs.shape[0], rhs.out_features), jnp.bfloat16)
+    if impl == "cuda":
+        return _grouped_gemm_cuda(lhs, lhs_scale, rhs, group_offsets, exact=exact, config=config)
+    return grouped_gemm_reference(lhs, lhs_scale, rhs, group_offsets)

@@ -43,6 +43,12 @@ def route_reference(topk_ids: jax.Array, num_experts: int) -> Routing:
     return Routing(rows_per_expert, group_offsets, positions)
 
 
+def empty_routing(num_tokens: int, top_k: int, num_experts: int) -> Routing:
+    """The routing of no slots (M = 0 or k = 0): nothing counted, positions [M, k]."""
+    return Routing(jnp.zeros(num_experts, jnp.int32), jnp.zeros(num_experts + 1, jnp.int32),
+                   jnp.zeros((num_tokens, top_k), jnp.int32))
+
+
 def _route_cuda(topk_ids: jax.Array, num_experts: int) -> Routing:
     m, k = topk_ids.shape
     ids = topk_ids if topk_ids.dtype == jnp.int32 else clamp_ids(topk_ids, num_experts)
@@ -60,20 +66,26 @@ def _route_cuda(topk_ids: jax.Array, num_experts: int) -> Routing:
 def route(topk_ids, num_experts: int, *, implementation: str = "auto") -> Routing:
     """Counts rows per expert and sorts (token, slot) pairs by expert, all on the device.
 
-    topk_ids: integer [M, k]; ids outside [0, num_experts) mark dropped slots (expert
-    parallelism uses id = E for experts held elsewhere).
+    topk_ids: integer [M, k] (device or host array; M = 0 or k = 0 give an empty routing:
+    zero counts and offsets, positions [M, k]); ids outside [0, num_experts) mark dropped slots
+    (expert parallelism uses id = E for experts held elsewhere), whatever their value.
+    num_experts: Python int in [1, 1024]. Returns a `Routing`; raises ValueError / TypeError
+    naming the argument for a bad rank, dtype or num_experts. Integer outputs: nothing to
+    differentiate.
     """
     require_rank("topk_ids", topk_ids, 2)
     require_integer("topk_ids", topk_ids)
     num_experts = require_num_experts(num_experts)
-    if np.shape(topk_ids)[0] < 1 or np.shape(topk_ids)[1] < 1:
-        raise ValueError(f"topk_ids must be non-empty, got shape {tuple(np.shape(topk_ids))}")
+    impl = _backend.resolve(implementation)
+    m, k = np.shape(topk_ids)
+    if m * k == 0:  # no kernel launch for an empty batch (shapes are static, so jit-safe)
+        return empty_routing(m, k, num_experts)
     if not isinstance(topk_ids, jax.Array) and np.asarray(topk_ids).dtype.itemsize > 4:
         # Without x64, JAX narrows 64-bit host ids to int32 (2**32 + 1 would become expert 1):
         # mark the ids outside [0, E) as dropped on the host first.
         ids = np.asarray(topk_ids)
         topk_ids = np.where((ids >= 0) & (ids < num_experts), ids, num_experts).astype(np.int32)
     topk_ids = jnp.asarray(topk_ids)
-    if _backend.resolve(implementation) == "cuda":
+    if impl == "cuda":
         return _route_cuda(topk_ids, num_experts)
     return route_reference(topk_ids, num_experts)
