@@ -1,4 +1,4 @@
-"""An independent float64 NumPy model of SPEC.md section 1, written from the spec alone.
+"""An independent float64 NumPy model of docs/numerics.md, written from the contract alone.
 
 Nothing here imports w4afp8_jax: the tests compare the package's reference path against this
 transcription. Conventions taken from the spec:
@@ -7,7 +7,8 @@ transcription. Conventions taken from the spec:
   int4 * scale with one scale per (expert, output row, group of 128 input channels).
 - fp8 is e4m3 (ml_dtypes.float8_e4m3fn), q = saturate(x / scale) to [-448, 448], rounded to
   nearest even. Activation scales are f32 scalars, and the quantization divides in f32 (the
-  spec's "f32 math"); a dynamic scale is amax / 448 in f32.
+  spec's "f32 math"); a dynamic scale is max(amax / 448, 2**-126) in f32 over the finite
+  values, and 1 when that amax is below 2**-126 (docs/numerics.md, "Scale range").
 - Expert ids outside [0, E) are dropped slots. Rows are ordered by expert id, stable
   (ties keep token-major slot order).
 - GEMM outputs and the combine output are bf16; everything in between is exact or float64
@@ -73,9 +74,13 @@ def to_bf16(v) -> np.ndarray:
 
 
 def dynamic_scale(v) -> np.float32:
-    """amax(|v|) / 448 in f32; 1 for an all-zero tensor."""
-    amax = np.float32(np.max(np.abs(np.asarray(v, np.float32)))) if np.size(v) else np.float32(0)
-    return np.float32(amax / np.float32(FP8_MAX)) if amax > 0 else np.float32(1.0)
+    """max(amax / 448, 2**-126) in f32, amax over the finite |v|; 1 when amax < 2**-126 (an
+    all-zero, empty, subnormal-only or non-finite-only tensor)."""
+    v = np.abs(np.asarray(v, np.float32))
+    finite = v[np.isfinite(v)]
+    amax = np.float32(finite.max()) if finite.size else np.float32(0)
+    tiny = np.finfo(np.float32).tiny
+    return np.float32(max(amax / np.float32(FP8_MAX), tiny)) if amax >= tiny else np.float32(1.0)
 
 
 def quantize_fp8(x, scale=None):
@@ -187,7 +192,7 @@ def combine(rows, positions, topk_weights, routed_scaling_factor: float, *, roun
 # ---------------------------------------------------------------------------------------------
 def moe(x, topk_ids, topk_weights, w13_packed, w13_scales, w2_packed, w2_scales, group_size: int = 128,
         *, a1_scale=None, a2_scale=None, routed_scaling_factor: float = 1.0, return_intermediates=False):
-    """bf16 [M, H] following SPEC.md steps 1-6, with the spec's roundings:
+    """bf16 [M, H] following docs/numerics.md steps 1-6, with its roundings:
     q1 = fp8(x / a1) (dynamic a1 = amax|x| / 448), c1 = bf16(GEMM1), h = silu(gate) * up,
     q2 = fp8(h / a2) (dynamic a2 = amax|h| / 448 over the kept rows), c2 = bf16(GEMM2),
     out = bf16(rsf * sum_j w_j c2[pos])."""
