@@ -13,6 +13,9 @@
 
 #include <algorithm>
 #include <limits>
+#include <type_traits>
+
+#include "kernel_limits.h"
 
 #include "deepseek_topk.h"
 
@@ -73,20 +76,23 @@ __device__ void ScoreGroups(const int* keys, int n_group, int per_group, int lan
   }
 }
 
-// The largest key among this lane's experts (lane, lane + 32, ...), lowest index on ties.
-__device__ __forceinline__ void LocalBest(const int* keys, int num_experts, int lane, int& best_key, int& best_id) {
+// The largest of this lane's keys (experts lane + 32 j), lowest expert on ties.
+template <int kSlots>
+__device__ __forceinline__ void LocalBest(const int (&own)[kSlots], int lane, int& best_key, int& best_id) {
   best_key = kMaskedKey;
   best_id = kIntMax;
-  for (int e = lane; e < num_experts; e += 32) {
-    const int k = keys[e];
-    if (k > best_key) {
-      best_key = k;
-      best_id = e;
+#pragma unroll
+  for (int j = 0; j < kSlots; ++j) {
+    if (own[j] > best_key) {
+      best_key = own[j];
+      best_id = lane + 32 * j;
     }
   }
 }
 
-template <typename T>
+// kSlots >= ceil(E / 32): each lane also keeps the keys of its experts lane + 32 j in registers
+// for the top-k rounds.
+template <typename T, int kSlots>
 __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
     DeepseekTopkKernel(const T* __restrict__ logits, const float* __restrict__ bias, float* __restrict__ topk_weights,
                        int32_t* __restrict__ topk_ids, int64_t num_tokens, int num_experts, int n_group,
@@ -103,10 +109,16 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
   const int per_group = num_experts / n_group;
 
   const T* row = logits + token * num_experts;
-  for (int e = lane; e < num_experts; e += 32) {
-    const float s = 1.0f / (1.0f + expf(-LoadLogit(row + e)));
-    scores[e] = s;
-    keys[e] = OrderedKey(bias != nullptr ? s + bias[e] : s);
+  int own[kSlots];  // keys of experts lane + 32 j; kMaskedKey past E
+#pragma unroll
+  for (int j = 0; j < kSlots; ++j) {
+    const int e = lane + 32 * j;
+    own[j] = kMaskedKey;
+    if (e < num_experts) {
+      const float s = 1.0f / (1.0f + expf(-LoadLogit(row + e)));
+      scores[e] = s;
+      own[j] = keys[e] = OrderedKey(bias != nullptr ? s + bias[e] : s);
+    }
   }
   __syncwarp();
 
@@ -121,23 +133,28 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
       group_kept[g] = rank < topk_group;
     }
     __syncwarp();
-    for (int e = lane; e < num_experts; e += 32) {
-      if (!group_kept[e / per_group]) keys[e] = kMaskedKey;
+#pragma unroll
+    for (int j = 0; j < kSlots; ++j) {
+      const int e = lane + 32 * j;
+      if (e < num_experts && !group_kept[e / per_group]) own[j] = kMaskedKey;
     }
   }
 
-  // top_k rounds of a warp-wide argmax; each lane keeps the best of its own experts (only it
-  // reads or writes them from here on). The kept groups hold >= top_k candidates, all with keys
-  // above kMaskedKey, so every round's winner is a real, not yet chosen expert.
+  // top_k rounds of a warp-wide argmax over the lanes' best keys. The kept groups hold >= top_k
+  // candidates, all with keys above kMaskedKey, so every round's winner is a real, not yet
+  // chosen expert.
   int best_key, best_id;
-  LocalBest(keys, num_experts, lane, best_key, best_id);
+  LocalBest(own, lane, best_key, best_id);
   for (int r = 0; r < top_k; ++r) {
     const int win_key = __reduce_max_sync(kFullMask, best_key);
     const int win = __reduce_min_sync(kFullMask, best_key == win_key ? best_id : kIntMax);
     if (lane == 0) chosen[r] = win;
     if (win % 32 == lane) {
-      keys[win] = kMaskedKey;
-      LocalBest(keys, num_experts, lane, best_key, best_id);
+#pragma unroll
+      for (int j = 0; j < kSlots; ++j) {
+        if (lane + 32 * j == win) own[j] = kMaskedKey;
+      }
+      LocalBest(own, lane, best_key, best_id);
     }
   }
   __syncwarp();
@@ -171,14 +188,32 @@ cudaError_t LaunchDeepseekTopk(const void* logits, bool logits_bf16, const float
   if (blocks > kIntMax) return cudaErrorInvalidValue;
   const dim3 grid(static_cast<unsigned>(blocks)), block(32 * warps);
   const size_t shared_bytes = warps * warp_bytes;
-  if (logits_bf16) {
-    DeepseekTopkKernel<<<grid, block, shared_bytes, stream>>>(static_cast<const __nv_bfloat16*>(logits), bias,
-                                                               topk_weights, topk_ids, num_tokens, num_experts,
-                                                               n_group, topk_group, top_k, renormalize);
+  const int slots = (num_experts + 31) / 32;
+  const auto launch = [&](auto slots_tag) {
+    constexpr int kSlots = decltype(slots_tag)::value;
+    if (logits_bf16) {
+      DeepseekTopkKernel<__nv_bfloat16, kSlots><<<grid, block, shared_bytes, stream>>>(
+          static_cast<const __nv_bfloat16*>(logits), bias, topk_weights, topk_ids, num_tokens, num_experts, n_group,
+          topk_group, top_k, renormalize);
+    } else {
+      DeepseekTopkKernel<float, kSlots><<<grid, block, shared_bytes, stream>>>(
+          static_cast<const float*>(logits), bias, topk_weights, topk_ids, num_tokens, num_experts, n_group,
+          topk_group, top_k, renormalize);
+    }
+  };
+  static_assert(kMaxExperts <= 32 * 32, "one warp holds at most 32 keys per lane");
+  if (slots <= 1) {
+    launch(std::integral_constant<int, 1>());
+  } else if (slots <= 2) {
+    launch(std::integral_constant<int, 2>());
+  } else if (slots <= 4) {
+    launch(std::integral_constant<int, 4>());
+  } else if (slots <= 8) {
+    launch(std::integral_constant<int, 8>());
+  } else if (slots <= 16) {
+    launch(std::integral_constant<int, 16>());
   } else {
-    DeepseekTopkKernel<<<grid, block, shared_bytes, stream>>>(static_cast<const float*>(logits), bias, topk_weights,
-                                                               topk_ids, num_tokens, num_experts, n_group, topk_group,
-                                                               top_k, renormalize);
+    launch(std::integral_constant<int, 32>());
   }
   return cudaGetLastError();
 }
