@@ -24,6 +24,11 @@ struct GroupedGemmArgs {
   // 128-wide group), laid out as the MMA lanes read it (see tile_packed in weights.py).
   const uint8_t* packed;
   const float* scales;       // [experts, n, k / 128]
+  // packed and scales may hold `layers` stacked weight sets ([layers * experts, ...]); *layer
+  // (on the device, clamped into [0, layers)) selects one. A layer stack scanned this way is
+  // never copied: XLA would copy a sliced operand of a custom call.
+  const int32_t* layer;      // [1]
+  int64_t layers;
   const int32_t* offsets;    // [experts + 1]
   __nv_bfloat16* out;        // [rows, n]
   int64_t rows;

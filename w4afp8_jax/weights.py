@@ -117,6 +117,9 @@ class W4Weights:
     scales: jax.Array
     group_size: int = dataclasses.field(default=128, metadata={"static": True})
     layout: str = dataclasses.field(default="checkpoint", metadata={"static": True})
+    # Set by `layer(i)`: these weights are entry `index` (an int32 scalar, traced or not) of the
+    # stack [L, E, N, K//2] held in packed/scales.
+    index: jax.Array | None = None
 
     def __post_init__(self):
         gs = self.group_size
@@ -159,8 +162,9 @@ class W4Weights:
             if _is_array_like(x):
                 return f"{np.dtype(x.dtype).name}{list(x.shape)}"
             return repr(x)
+        index = "" if self.index is None else f", index={describe(self.index)}"
         return (f"W4Weights(packed={describe(self.packed)}, scales={describe(self.scales)}, "
-                f"group_size={self.group_size}, layout={self.layout!r})")
+                f"group_size={self.group_size}, layout={self.layout!r}{index})")
 
     @property
     def num_experts(self) -> int:
@@ -176,7 +180,38 @@ class W4Weights:
 
     def checkpoint_packed(self) -> jax.Array:
         """packed in checkpoint order (two int4 per byte, K contiguous per row)."""
-        return untile_packed(self.packed) if self.layout == "tiled" else self.packed
+        packed = self.selected().packed
+        return untile_packed(packed) if self.layout == "tiled" else packed
+
+    def layer(self, index) -> "W4Weights":
+        """Layer `index` of stacked weights [L, E, N, K//2], as a view that the CUDA kernels
+        read in place: the stack is passed whole with the index (a traced scalar is fine, e.g.
+        the counter of a `lax.scan` over layers), so no layer is ever copied. Slicing the stack
+        instead (`jax.tree.map(lambda a: a[i], w)`, or scanning over the weights as xs) makes
+        XLA copy each layer's weights before the kernel reads them. Out-of-range indices are
+        clamped into [0, L) on the CUDA path (jnp indexing rules on the reference path)."""
+        if self.index is not None or np.ndim(self.packed) != 4:
+            raise ValueError(f"layer() needs a stack of weight sets [L, E, N, K//2], got packed "
+                             f"{tuple(np.shape(self.packed))}" + (" already indexed" if self.index is not None else ""))
+        index = jnp.asarray(index)
+        if index.shape != () or not jnp.issubdtype(index.dtype, jnp.integer):
+            raise ValueError(f"index must be an integer scalar, got {index.dtype}{list(index.shape)}")
+        return W4Weights(self.packed, self.scales, self.group_size, self.layout, index.astype(jnp.int32))
+
+    def require_one_set(self, name: str) -> None:
+        """Raises ValueError naming the argument unless these weights are one set [E, N, K//2]
+        (a `layer()` view of a stack counts as one)."""
+        if np.ndim(self.packed) != (3 if self.index is None else 4):
+            raise ValueError(f"{name} must hold one layer's weights [E, N, K/2], got packed shape "
+                             f"{tuple(np.shape(self.packed))} (select a layer of a stack with {name}.layer(i), "
+                             "or scan or vmap over the leading axes)")
+
+    def selected(self) -> "W4Weights":
+        """The weight set itself ([E, N, K//2] arrays): indexes the stack of a `layer()` view."""
+        if self.index is None:
+            return self
+        return W4Weights(jnp.asarray(self.packed)[self.index], jnp.asarray(self.scales)[self.index],
+                         self.group_size, self.layout)
 
     def prepare(self) -> "W4Weights":
         """The same weights in the tiled layout the CUDA kernels read fastest (one transpose,
@@ -185,7 +220,7 @@ class W4Weights:
         if self.layout == "tiled":
             return self
         check_tiled_shape(self.out_features, self.group_size)
-        return W4Weights(tile_packed(self.packed), self.scales, self.group_size, "tiled")
+        return W4Weights(tile_packed(self.packed), self.scales, self.group_size, "tiled", self.index)
 
     def int4_values(self) -> jax.Array:
         """int8 [..., E, N, K] holding the int4 values."""
@@ -196,10 +231,11 @@ class W4Weights:
         values = self.int4_values().astype(jnp.float32)
         *lead, k = values.shape
         grouped = values.reshape(*lead, k // self.group_size, self.group_size)
-        return (grouped * jnp.asarray(self.scales)[..., None]).reshape(*lead, k)
+        return (grouped * jnp.asarray(self.selected().scales)[..., None]).reshape(*lead, k)
 
 
-jax.tree_util.register_dataclass(W4Weights, data_fields=["packed", "scales"], meta_fields=["group_size", "layout"])
+jax.tree_util.register_dataclass(W4Weights, data_fields=["packed", "scales", "index"],
+                                 meta_fields=["group_size", "layout"])
 
 
 def quantize_weights(w, group_size: int = 128) -> W4Weights:

@@ -37,7 +37,8 @@ struct RegisterConfig {
 };
 
 template <class Cfg>
-__global__ void __launch_bounds__(Cfg::kThreads) GroupedGemmRegisterKernel(GroupedGemmArgs args) {
+__global__ void __launch_bounds__(Cfg::kThreads) GroupedGemmRegisterKernel(GroupedGemmArgs layer_args) {
+  const GroupedGemmArgs args = SelectLayer(layer_args);
   __shared__ TileTable<Cfg::kThreads, Cfg::kBlockT> table;
   __shared__ __align__(16) float tile_sums[Cfg::kWarpsK][Cfg::kBlockT][Cfg::kPitch];
   table.Build(args);
@@ -72,7 +73,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) GroupedGemmRegisterKernel(Group
       }
     }
 
-    StageAccumulators(&tile_sums[warp_k][0][0], Cfg::kPitch, warp_n * 16 * Cfg::kMTiles, acc, lane);
+    StageAccumulators(&tile_sums[warp_k][0][0], Cfg::kPitch, warp_n * 16 * Cfg::kMTiles, acc, lhs_scale, lane);
     __syncthreads();
     StoreTile<Cfg::kWarpsK, Cfg::kBlockT, Cfg::kBlockN>(&tile_sums[0][0][0], Cfg::kPitch, Cfg::kBlockT * Cfg::kPitch,
                                                         args, unit.token_begin, unit.token_count, unit.row0,

@@ -95,6 +95,17 @@ __device__ __forceinline__ Unit LocateUnit(const Table& table, int64_t unit, int
   return {found.expert, found.token_begin, found.token_count, row_block * rows_per_unit};
 }
 
+// The weight set of the selected layer (read on the device, clamped so any index stays in
+// bounds).
+__device__ __forceinline__ GroupedGemmArgs SelectLayer(GroupedGemmArgs args) {
+  if (args.layers > 1) {
+    const int64_t layer = min(max(static_cast<int64_t>(*args.layer), int64_t{0}), args.layers - 1);
+    args.packed += layer * args.experts * args.n * (args.k / 2);
+    args.scales += layer * args.experts * args.n * (args.k / kGroupSize);
+  }
+  return args;
+}
+
 // Rows no expert owns, [0, first) and [kept, rows), are zero.
 __device__ inline void ZeroUnownedRows(const GroupedGemmArgs& args, int64_t first, int64_t kept) {
   const int64_t vectors_per_row = args.n / 8;

@@ -23,9 +23,9 @@ struct StreamConfig {
   static constexpr int kBlockT = 8 * kTTiles;
   static constexpr int kRows = 16 * kMTiles;
   static constexpr int kTokens = kBlockT;
-  static constexpr int kPitch = kRows + 4;  // see StageAccumulators
+  static constexpr int kPitch = kRows + 8;  // bf16; see StageAccumulators
   static constexpr int kStageBytes = LaneStage<StreamConfig>::kBytes;
-  static constexpr int kEpilogueBytes = kBlockT * kPitch * 4;
+  static constexpr int kEpilogueBytes = kBlockT * kPitch * 2;
   static constexpr int kWarpBytes = kStages * kStageBytes + kEpilogueBytes;
   static constexpr int kSmemBytes = kWarps * kWarpBytes;
   static std::string Name() {
@@ -63,7 +63,8 @@ struct StreamCursor {
 };
 
 template <class Cfg>
-__global__ void __launch_bounds__(Cfg::kThreads) GroupedGemmStreamKernel(GroupedGemmArgs args) {
+__global__ void __launch_bounds__(Cfg::kThreads) GroupedGemmStreamKernel(GroupedGemmArgs layer_args) {
+  const GroupedGemmArgs args = SelectLayer(layer_args);
   using Table = TileTable<Cfg::kThreads, Cfg::kBlockT>;
   using Stage = LaneStage<Cfg>;
   __shared__ Table table;
@@ -72,7 +73,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) GroupedGemmStreamKernel(Grouped
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   uint8_t* ring = stream_smem + warp * Cfg::kWarpBytes;
-  float* epilogue = reinterpret_cast<float*>(ring + Cfg::kStages * Cfg::kStageBytes);
+  __nv_bfloat16* epilogue = reinterpret_cast<__nv_bfloat16*>(ring + Cfg::kStages * Cfg::kStageBytes);
 
   const int groups = static_cast<int>(args.k / kGroupSize);
   const int64_t row_blocks = (args.n + Cfg::kRows - 1) / Cfg::kRows;
@@ -109,7 +110,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) GroupedGemmStreamKernel(Grouped
     issue_next();  // refills the slot read one step ago (this lane's own reads of it have completed)
 
     if (computing.group + 1 == groups) {  // unit done
-      StageAccumulators(epilogue, Cfg::kPitch, 0, acc, lane);
+      StageAccumulators(epilogue, Cfg::kPitch, 0, acc, lhs_scale, lane);
       __syncwarp();
       StoreTile<1, Cfg::kBlockT, Cfg::kRows>(epilogue, Cfg::kPitch, 0, args, computing.unit.token_begin,
                                              computing.unit.token_count, computing.unit.row0, lhs_scale, lane, 32);

@@ -25,8 +25,8 @@ struct WgmmaConfig {
   static constexpr int kBlockT = kTokens;
   static constexpr int kWarpRows = 16;
   static constexpr int kFp8WeightBytes = kRows * kGroupSize;
-  static constexpr int kPitch = kWarpRows + 4;  // see StageAccumulators
-  static constexpr int kStagingBytes = kTokens * kPitch * 4;
+  static constexpr int kPitch = kWarpRows + 8;  // bf16; see StageAccumulators
+  static constexpr int kStagingBytes = kTokens * kPitch * 2;
   static std::string Name() { return "wgmma_128x128_s" + std::to_string(kStages); }
 };
 
@@ -143,7 +143,8 @@ __device__ __forceinline__ void ConvertStageWeights(const uint8_t* stage, uint8_
 }
 
 template <class Cfg>
-__global__ void __launch_bounds__(Cfg::kThreads, 1) GroupedGemmWgmmaKernel(GroupedGemmArgs args) {
+__global__ void __launch_bounds__(Cfg::kThreads, 1) GroupedGemmWgmmaKernel(GroupedGemmArgs layer_args) {
+  const GroupedGemmArgs args = SelectLayer(layer_args);
   using Stage = BlockStage<Cfg>;
   __shared__ TileTable<Cfg::kThreads, Cfg::kBlockT> table;
   extern __shared__ uint8_t wgmma_smem_unaligned[];
@@ -156,7 +157,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) GroupedGemmWgmmaKernel(Group
   const int g = lane / 4;
   const int warpgroup = warp / 4;
   const int warp_row0 = warp * Cfg::kWarpRows;  // rows 16w .. 16w + 15 of the block tile
-  float* staging = reinterpret_cast<float*>(fp8_weights + 2 * Cfg::kFp8WeightBytes + warp * Cfg::kStagingBytes);
+  __nv_bfloat16* staging =
+      reinterpret_cast<__nv_bfloat16*>(fp8_weights + 2 * Cfg::kFp8WeightBytes + warp * Cfg::kStagingBytes);
 
   const int num_experts = static_cast<int>(args.experts);
   const int groups = static_cast<int>(args.k / kGroupSize);
@@ -218,7 +220,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) GroupedGemmWgmmaKernel(Group
 
     if (++compute_group < groups) continue;
     compute_group = 0;
-    StageAccumulators(staging, Cfg::kPitch, 0, acc, lane);
+    StageAccumulators(staging, Cfg::kPitch, 0, acc, lhs_scale, lane);
     __syncwarp();
     StoreTile<1, Cfg::kTokens, Cfg::kWarpRows>(staging, Cfg::kPitch, 0, args, computing.token_begin,
                                                computing.token_count, computing.row0 + warp_row0, lhs_scale, lane, 32);
