@@ -390,7 +390,7 @@ def tables(rows, args, shape, rates, loop) -> list[str]:
                   r["gemm2_floor_us"], 1 / r["gemm2_x_floor"], peer(r, "seed gemm1"), peer(r, "seed gemm2"),
                   peer(r, "seed prep"), r["seed_over_ours"], peer(r, "torch fp8 gemm1"), peer(r, "torch fp8 gemm2")]
                  for r in rows]
-    gemm_notes = [f"ours: each grouped GEMM alone in a scan over the L weight sets (uniform routing per layer), "
+    gemm_notes = [f"ours: each grouped GEMM alone, {loop} loop over the L weight sets (uniform routing per layer), "
                   f"precision {args.precision}; frac = weight floor / time",
                   f"peers: CUDA-graph replays of one call per weight set over {args.peer_sets} sets, routing of "
                   "layer 0; seed/ours = (seed GEMM1 + GEMM2) / (ours GEMM1 + GEMM2)"]
