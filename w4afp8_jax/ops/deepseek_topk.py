@@ -128,14 +128,17 @@ def deepseek_topk(logits, bias=None, *, top_k: int = 8, n_group: int = 8, topk_g
     bias), the best topk_group groups are kept, and the top_k best biased scores inside them
     are chosen (experts of other groups never are). Ids come in decreasing biased-score order,
     ties to the lower expert (and group) index. The weights are the unbiased scores of the
-    chosen experts, divided by their sum when renormalize (if that sum is 0, because every
+    chosen experts, normalized to sum 1 when renormalize: each times 1 / (their sum, added in
+    slot order), within 1.5 ulps of the quotient (if that sum is 0, because every
     chosen logit is below about -88 where the f32 sigmoid underflows, the weights are 1 /
-    top_k). The routed scaling factor is applied later, in `combine`. Defaults are
-    DeepSeek-V3's (E = 256: 8 groups, 4 kept, top-8).
+    top_k). The routed scaling factor is applied later, in `combine`. This is the "noaux_tc"
+    gate of DeepSeek-V3 (its MoEGate; SGLang's and vLLM's biased grouped top-k); the defaults
+    are DeepSeek-V3's (E = 256: 8 groups, 4 kept, top-8).
 
     Non-finite input: a NaN biased score ranks below every number, so a token's ids stay
-    distinct and in [0, E) whatever its logits; if a NaN expert has to be chosen, that token's
-    weights are NaN (renormalize) and no other token is affected. +-inf logits give scores 1
+    distinct and in [0, E) whatever its logits; if a NaN expert has to be chosen (its kept
+    groups hold fewer than top_k numbers), its weight is NaN, and with renormalize all of that
+    token's weights are; no other token is affected. +-inf logits give scores 1
     and 0.
 
     M = 0 gives empty results. implementation: "auto" (the CUDA kernel when built and a GPU is
