@@ -1,6 +1,6 @@
 // DeepSeek-V3 grouped top-k router, one warp per token. The arithmetic is the reference's
 // (w4afp8_jax/ops/deepseek_topk.py) operation for operation, so ids and weights agree bitwise
-// wherever the two exp implementations agree:
+// wherever XLA's exp and division agree with CUDA's:
 //   score = 1 / (1 + expf(-x))  (IEEE division, accurate expf: no fast-math flags);
 //   biased = score + bias;
 //   group score = the sum of the group's two largest biased values;
@@ -15,9 +15,8 @@
 #include <limits>
 #include <type_traits>
 
-#include "kernel_limits.h"
-
 #include "deepseek_topk.h"
+#include "kernel_limits.h"
 
 namespace w4afp8 {
 namespace {
