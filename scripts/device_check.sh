@@ -35,11 +35,11 @@ if [ -n "${SANITIZE:-}" ]; then
   # run has its own time limit (SANITIZE_LIMIT seconds), so one call stays within 10 minutes.
   limit=${SANITIZE_LIMIT:-100}
   small="not 65536 and not uniform256 and not 4096 and not 300 and not 2048 and not random64"
-  for f in tests/*_gpu.py; do
+  for f in tests/test_{route,gather_quantize,grouped_gemm,silu_mul_quantize,combine,moe}.py; do
     name=$(basename "$f" .py)
     selection=$small
     # The GEMM file: every tile configuration once, the bad-offset and bad-input cases.
-    [ "$name" = test_grouped_gemm_gpu ] && selection="(every_tile and tiled) or out_of_range or bad_input or same_jit"
+    [ "$name" = test_grouped_gemm ] && selection="(every_tile and tiled) or out_of_range or bad_input or same_jit"
     XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_ALLOCATOR=platform timeout "$limit" \
       compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -m gpu "$f" -k "$selection" \
       >"$OUT/memcheck_$name.log" 2>&1
@@ -48,7 +48,8 @@ if [ -n "${SANITIZE:-}" ]; then
   done
   XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_ALLOCATOR=platform timeout "$limit" \
     compute-sanitizer --tool racecheck --error-exitcode 9 python3 -m pytest -q -m gpu \
-    tests/test_grouped_gemm_gpu.py -k "every_tile and tiled and (1 or 6)" >"$OUT/racecheck.log" 2>&1
+    tests/test_grouped_gemm.py -k "every_tile and tiled and (register_16x8_k4_s4 or register_128x32_k1_s2)" \
+    >"$OUT/racecheck.log" 2>&1
   echo "racecheck grouped_gemm: rc=$? $(grep -E 'RACECHECK SUMMARY' "$OUT/racecheck.log" | tail -1)" \
     "$(grep -E '[0-9]+ (passed|failed)' "$OUT/racecheck.log" | tail -1)"
 fi

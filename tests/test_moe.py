@@ -1,0 +1,301 @@
+"""The MoE layer (steps 1-6): one case list on every implementation.
+
+Reference path against the float64 model. The model reproduces every rounding of the numerics
+contract (fp8 q1, bf16 c1, fp8 q2, bf16 c2, bf16 out) with the same scales, so the only
+differences come from the reference accumulating in f32 where the model uses float64. Those move
+a bf16 c1 / c2 value by one bf16 ulp when the exact value lies within the f32 error of a rounding
+boundary (rare: ~1e-4 of the elements), and a changed c1 can move one q2 element by one fp8 ulp
+(2^-4..2^-3 relative). One such q2 change perturbs a whole c2 row by about |dq| / (8 sqrt(I)) of
+its norm, i.e. a fraction of a percent, and the token's output row by less. Hence, on the bf16
+outputs:
+  - ||out - model|| / ||model|| < 1e-2 (a few intermediate flips stay far below this);
+  - every element within rtol 1e-2 plus atol 5% of the output's rms (the seed's rtol 1e-2 /
+    atol 0.1, scaled to these outputs; a single fp8 flip moves an element by ~1e-3 here);
+  - >= 98% of the elements within one bf16 ulp of the model (without any flip: all of them).
+
+CUDA path (precision=HIGHEST) against the reference path on the CPU: every step agrees with the
+reference exactly (integers, fp8 gather) or to one bf16/fp8 rounding flip (GEMMs: f32 summation
+order; SiLU: expf vs XLA's exp). Flips are rare (measured on the H100 at E=256, M=1: 2.4e-4 of
+c1 values, none in q2; layer output 5.7e-6 relative), but one flipped c1 can move one fp8 code
+of h (2^-3 relative), and each such code moves the output by up to ~2e-3 in norm at M = 1; 5e-3
+allows a couple and still fails on any wrong row, expert, scale or slot (those give O(1) errors).
+
+CUDA path at precision=DEFAULT (wgmma GEMMs at >= 64 rows per expert): each GEMM is off by a
+normwise ~1e-3 (<= 2e-3, tests/test_grouped_gemm.py). A c1 error dh of h moves an fp8 code of
+q2 with probability |dh| / spacing and then by one spacing (<= 2^-3 relative), so q2's normwise
+error is about sqrt(|dh| / |h| * 2^-3) ~ sqrt(2e-3 * 2^-3 / 3) ~ 1e-2 at worst, and c2 and the
+output inherit it; measured 2.8e-3 at B = 4096 (docs/performance.md). Bound 2e-2; a wrong
+layout, slice or scale still gives O(1).
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import numpy_model as ref
+import w4afp8_jax as w4
+from helpers import int4_weights, on_every_implementation, reference_on_cpu, routed_tokens
+from w4afp8_jax.shapes import DEEPSEEK_V3_TP4
+
+R = "reference"
+HIGHEST = jax.lax.Precision.HIGHEST
+TP4 = DEEPSEEK_V3_TP4
+
+
+def layer_weights(rng, e, h, inter, gs=128):
+    """NumPy (w13 packed, w13 scales, w2 packed, w2 scales) of a random layer [E, 2I, H], [E, H, I]."""
+    return (*int4_weights(rng, e, 2 * inter, h, gs), *int4_weights(rng, e, h, inter, gs))
+
+
+def device_weights(p13, s13, p2, s2, gs=128, layout="checkpoint"):
+    w13 = w4.W4Weights(jnp.asarray(p13), jnp.asarray(s13), gs)
+    w2 = w4.W4Weights(jnp.asarray(p2), jnp.asarray(s2), gs)
+    return (w13.prepare(), w2.prepare()) if layout == "tiled" else (w13, w2)
+
+
+def make_routing(rng, m, h, e, k, kind):
+    """(x bf16 [M, H], topk_ids int32 [M, k], topk_weights f32 [M, k]) NumPy arrays. kind:
+    "distinct" experts per token, "one_expert" (every slot on expert 3), "dropped" (a third of
+    the slots on another GPU: id = E) or "duplicates" (a token may name an expert twice, and
+    token 0 names one expert in every slot)."""
+    x, ids, weights = routed_tokens(rng, m, h, e, k, distinct=kind in ("distinct", "dropped"))
+    if kind == "one_expert":
+        ids[:] = 3
+    elif kind == "dropped":
+        ids[rng.random((m, k)) < 0.33] = e
+    elif kind == "duplicates":
+        ids[0] = ids[0, 0]
+    return x, ids, weights
+
+
+def assert_moe_close(got, want, seed_note=""):
+    """The reference path's bounds against the model (see the top)."""
+    got = np.asarray(got)
+    assert got.dtype == ref.BF16 and got.shape == want.shape
+    g, w = got.astype(np.float64), want.astype(np.float64)
+    assert np.all(np.isfinite(g))
+    norm = np.linalg.norm(w)
+    if norm == 0:
+        assert np.all(g == 0)
+        return
+    rel = np.linalg.norm(g - w) / norm
+    assert rel < 1e-2, f"relative norm error {rel} {seed_note}"
+    rms = np.sqrt(np.mean(w**2))
+    np.testing.assert_allclose(g, w, rtol=1e-2, atol=0.05 * rms, err_msg=seed_note)
+    within = np.mean(np.abs(g - w) <= ref.bf16_ulp(w))
+    assert within >= 0.98, f"only {within:.4f} of the elements within 1 bf16 ulp {seed_note}"
+
+
+def assert_layer_close(got, want, bound=5e-3):
+    """The CUDA path's normwise bound against the reference path (see the top)."""
+    got, want = np.asarray(got.astype(jnp.float32)), np.asarray(want.astype(jnp.float32))
+    assert np.all(np.isfinite(got))
+    rel = np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30)
+    print(f"relative error {rel:.2e}")
+    assert rel < bound, f"relative error {rel:.2e}"
+
+
+def layer_fn(implementation, rsf, scales, precision=HIGHEST):
+    return jax.jit(lambda *a: w4.moe(*a, routed_scaling_factor=rsf, precision=precision,
+                                     implementation=implementation, **scales))
+
+
+# ------------------------------------------------------------------------------------------
+# The case list: (M, E, H, I, group_size, k, routing kind, scales). Static scales are fixed
+# numbers (a2 = 0.01 saturates the largest h at the DeepSeek-V3 shapes); the model reproduces
+# any scale's roundings, so every scale is as good a test.
+# ------------------------------------------------------------------------------------------
+SMALL = [(3, 1, 128, 128, 128, 1), (5, 8, 256, 128, 128, 2), (33, 16, 384, 256, 128, 4), (17, 32, 192, 64, 64, 8),
+         (1, 4, 256, 128, 128, 4)]
+CASES = [pytest.param(*case, id="-".join(map(str, case))) for case in [
+    *[(*shape, "distinct", scales) for shape in SMALL for scales in ("dynamic", "static")],
+    (5, 4, 128, 128, 128, 6, "duplicates", "dynamic"),
+    (40, 16, 1024, 256, 128, 8, "one_expert", "dynamic"),
+    (300, 16, 1024, 256, 128, 8, "distinct", "static"),
+    (1, TP4.experts, TP4.hidden, TP4.intermediate, 128, TP4.top_k, "distinct", "static"),
+    (16, TP4.experts, TP4.hidden, TP4.intermediate, 128, TP4.top_k, "distinct", "dynamic"),
+    (64, TP4.experts, TP4.hidden, TP4.intermediate, 128, TP4.top_k, "dropped", "static"),
+]]
+STATIC_SCALES = dict(a1_scale=0.02, a2_scale=0.01)
+
+
+def small_on_cpu(m, e, h, inter, gs, k, kind, scales):
+    """The reference path and the float64 model run the small layers here (the DeepSeek-V3 shapes
+    have their own reference tests below, with weights built once)."""
+    return e * h * inter <= 1e7 and m * k * h * inter <= 1e8
+
+
+def kernel_shapes(m, e, h, inter, gs, k, kind, scales):
+    """The CUDA path needs group size 128 and K = H, I multiples of it."""
+    return gs == 128 and h % 128 == 0 and inter % 128 == 0
+
+
+@pytest.mark.parametrize("implementation,m,e,h,inter,gs,k,kind,scales",
+                         on_every_implementation(CASES, reference=small_on_cpu, cuda=kernel_shapes))
+def test_moe(rng, implementation, m, e, h, inter, gs, k, kind, scales):
+    p13, s13, p2, s2 = layer_weights(rng, e, h, inter, gs)
+    x, ids, weights = make_routing(rng, m, h, e, k, kind)
+    rsf = float(rng.uniform(0.5, 3.0))
+    static = STATIC_SCALES if scales == "static" else {}
+    layout = "tiled" if implementation == "cuda" else "checkpoint"
+    args = (jnp.asarray(x), jnp.asarray(ids), jnp.asarray(weights), *device_weights(p13, s13, p2, s2, gs, layout))
+    got = layer_fn(implementation, rsf, static)(*args)
+    if implementation == "reference":
+        assert_moe_close(got, ref.moe(x, ids, weights, p13, s13, p2, s2, gs, routed_scaling_factor=rsf, **static))
+    else:
+        assert_layer_close(got, reference_on_cpu(layer_fn(R, rsf, static), *args))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,e,h,inter,k,scales", [(300, 16, 1024, 256, 8, "dynamic"), (300, 16, 1024, 256, 8, "static")],
+                         ids=["300-16-1024-256-8-dynamic", "300-16-1024-256-8-static"])
+def test_moe_default_precision(rng, m, e, h, inter, k, scales):
+    """precision=None (DEFAULT) at prefill size (150 rows per expert: the wgmma GEMMs)."""
+    static = STATIC_SCALES if scales == "static" else {}
+    x, ids, weights = make_routing(rng, m, h, e, k, "distinct")
+    args = (jnp.asarray(x), jnp.asarray(ids), jnp.asarray(weights),
+            *device_weights(*layer_weights(rng, e, h, inter), layout="tiled"))
+    got = layer_fn("cuda", 2.5, static, precision=None)(*args)
+    assert_layer_close(got, reference_on_cpu(layer_fn(R, 2.5, static), *args), bound=2e-2)
+
+
+# ------------------------------------------------------------------------------------------
+# Reference path: the layer equals its steps, routed_scaling_factor and dropped slots
+# ------------------------------------------------------------------------------------------
+def test_moe_equals_its_steps_and_jit(rng):
+    e, h, inter, k, m = 16, 256, 128, 4, 9
+    p13, s13, p2, s2 = layer_weights(rng, e, h, inter)
+    x, ids, weights = routed_tokens(rng, m, h, e, k)
+    ids[rng.random(ids.shape) < 0.2] = e  # expert-parallel drops
+    w13, w2 = device_weights(p13, s13, p2, s2)
+    args = (jnp.asarray(x), jnp.asarray(ids), jnp.asarray(weights), w13, w2)
+    got = np.asarray(w4.moe(*args, routed_scaling_factor=2.5, implementation=R))
+    # The same pipeline spelled out with the public steps: bit-identical.
+    r = w4.route(args[1], e, implementation=R)
+    q1, s1 = w4.gather_quantize(args[0], r.positions, implementation=R)
+    c1 = w4.grouped_gemm(q1, s1, w13, r.group_offsets, implementation=R)
+    q2, s2_ = w4.silu_mul_quantize(c1, r.group_offsets, implementation=R)
+    c2 = w4.grouped_gemm(q2, s2_, w2, r.group_offsets, implementation=R)
+    steps = np.asarray(w4.combine(c2, r.positions, args[2], 2.5, implementation=R))
+    np.testing.assert_array_equal(got.view(np.uint16), steps.view(np.uint16))
+    want = ref.moe(x, ids, weights, p13, s13, p2, s2, routed_scaling_factor=2.5)
+    assert_moe_close(got, want)
+    # Under jit, weights and (traced) static scales as arguments.
+    fn = jax.jit(lambda *a, s1=None, s2=None: w4.moe(*a, a1_scale=s1, a2_scale=s2, routed_scaling_factor=2.5,
+                                                       implementation=R))
+    assert_moe_close(fn(*args), want)
+    _, im = ref.moe(x, ids, weights, p13, s13, p2, s2, return_intermediates=True)
+    a1, a2 = float(im["s1"] * 1.3), float(im["s2"] * 0.9)
+    want_static = ref.moe(x, ids, weights, p13, s13, p2, s2, a1_scale=a1, a2_scale=a2, routed_scaling_factor=2.5)
+    assert_moe_close(fn(*args, s1=jnp.float32(a1), s2=jnp.float32(a2)), want_static)
+
+
+def test_moe_routed_scaling_factor_and_drops(rng):
+    e, h, inter, k, m = 8, 256, 128, 4, 6
+    p13, s13, p2, s2 = layer_weights(rng, e, h, inter)
+    x, ids, weights = routed_tokens(rng, m, h, e, k)
+    w13, w2 = device_weights(p13, s13, p2, s2)
+    run = lambda i, rsf: np.asarray(w4.moe(jnp.asarray(x), jnp.asarray(i), jnp.asarray(weights), w13, w2,  # noqa: E731
+                                           routed_scaling_factor=rsf, implementation=R)).astype(np.float32)
+    base = run(ids, 1.0)
+    # A power-of-two factor commutes with the final f32 multiply and bf16 rounding: exact.
+    np.testing.assert_array_equal(run(ids, 4.0), 4.0 * base)
+    assert_moe_close(run(ids, 2.5).astype(ref.BF16), ref.moe(x, ids, weights, p13, s13, p2, s2,
+                                                             routed_scaling_factor=2.5))
+    # Dropping slots (id = E, -1, huge) removes exactly their contribution.
+    dropped = ids.copy()
+    dropped[0, :] = e  # token 0 loses every expert: its row must be exactly zero
+    dropped[1, 1], dropped[2, 3], dropped[3, 0] = -1, 2**31 - 1, e
+    got = run(dropped, 2.5)
+    assert np.all(got[0] == 0)
+    assert_moe_close(got.astype(ref.BF16), ref.moe(x, dropped, weights, p13, s13, p2, s2, routed_scaling_factor=2.5))
+    # All slots dropped: the output is exactly zero.
+    assert np.all(run(np.full_like(ids, e), 2.5) == 0)
+
+
+# ------------------------------------------------------------------------------------------
+# Reference path at the DeepSeek-V3 TP4 shapes (E=256, H=7168, I=512, top-8), weights built once
+# ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def deepseek_weights(module_rng):
+    """Built once per module (1.4 GB of int4). The NumPy views share the JAX buffers."""
+    seed, rng = module_rng
+    p13, s13, p2, s2 = layer_weights(rng, TP4.experts, TP4.hidden, TP4.intermediate)
+    w13, w2 = device_weights(p13, s13, p2, s2)
+    del p13, p2
+    np_views = (np.asarray(w13.packed), np.asarray(w13.scales), np.asarray(w2.packed), np.asarray(w2.scales))
+    return seed, w13, w2, np_views
+
+
+@pytest.mark.parametrize("m", [1, 3, 16, 64])
+def test_moe_deepseek_shapes(rng, deepseek_weights, m):
+    wseed, w13, w2, (p13, s13, p2, s2) = deepseek_weights
+    assert p13.shape == (TP4.experts, 2 * TP4.intermediate, TP4.hidden // 2)
+    assert p2.shape == (TP4.experts, TP4.hidden, TP4.intermediate // 2)
+    x, ids, weights = routed_tokens(rng, m, TP4.hidden, TP4.experts, TP4.top_k)
+    got = w4.moe(jnp.asarray(x), jnp.asarray(ids), jnp.asarray(weights), w13, w2,
+                 routed_scaling_factor=TP4.routed_scaling_factor, implementation=R)
+    want = ref.moe(x, ids, weights, p13, s13, p2, s2,
+                   routed_scaling_factor=TP4.routed_scaling_factor)  # only the experts hit
+    assert_moe_close(got, want, f"(weights seed {wseed})")
+
+
+def test_moe_deepseek_static_scales_drops_jit(rng, deepseek_weights):
+    wseed, w13, w2, (p13, s13, p2, s2) = deepseek_weights
+    m, e, rsf = 4, TP4.experts, TP4.routed_scaling_factor
+    x, ids, weights = routed_tokens(rng, m, TP4.hidden, e, TP4.top_k)
+    ids[rng.random(ids.shape) < 0.25] = e  # experts held by another GPU
+    ids[1, 2] = -1
+    a1 = float(np.abs(x.astype(np.float32)).max() / 448 * 0.8)  # largest activations saturate
+    a2 = float(rng.uniform(0.03, 0.1))
+    fn = jax.jit(lambda *a: w4.moe(*a, a1_scale=a1, a2_scale=a2, routed_scaling_factor=rsf, implementation=R))
+    got = fn(jnp.asarray(x), jnp.asarray(ids), jnp.asarray(weights), w13, w2)
+    want = ref.moe(x, ids, weights, p13, s13, p2, s2, a1_scale=a1, a2_scale=a2, routed_scaling_factor=rsf)
+    assert_moe_close(got, want, f"(weights seed {wseed})")
+
+
+# ------------------------------------------------------------------------------------------
+# CUDA path under CUDA graphs
+# ------------------------------------------------------------------------------------------
+GRAPH_SCRIPT = textwrap.dedent("""
+    import sys
+    import jax, jax.numpy as jnp, numpy as np, w4afp8_jax as w4
+    from helpers import reference_on_cpu, w4_weights
+    rng = np.random.default_rng(int(sys.argv[1]))
+    e, h, inter, m = 32, 1024, 256, 24
+    w13, w2 = w4_weights(rng, e, 2 * inter, h, layout="tiled"), w4_weights(rng, e, h, inter, layout="tiled")
+    layer = {impl: jax.jit(lambda *a, impl=impl: w4.moe(*a, routed_scaling_factor=2.5,
+                                                         precision=jax.lax.Precision.HIGHEST, implementation=impl))
+             for impl in ("cuda", "reference")}
+    for call in range(3):  # one executable, new routing and new token values every call
+        ids = jnp.asarray(rng.integers(0, e, (m, 8)).astype(np.int32))
+        tw = jnp.asarray(rng.random((m, 8)).astype(np.float32))
+        x = jnp.asarray(rng.standard_normal((m, h)), jnp.bfloat16)
+        got = np.asarray(layer["cuda"](x, ids, tw, w13, w2).astype(jnp.float32))
+        want = np.asarray(reference_on_cpu(layer["reference"], x, ids, tw, w13, w2).astype(jnp.float32))
+        rel = np.linalg.norm(got - want) / np.linalg.norm(want)
+        assert rel < 5e-3, (call, rel)
+        print("call", call, "relative error", rel)
+    assert layer["cuda"]._cache_size() == 1
+    print("GRAPH_OK")
+""")
+
+
+@pytest.mark.gpu
+def test_moe_under_cuda_graphs_three_calls(rng):
+    """XLA command buffers (CUDA graphs) forced on for every custom call and fusion: a handler
+    that read sizes or offsets on the host, or baked them in at capture, fails here."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL"
+                        " --xla_gpu_graph_min_graph_size=1").strip()
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(__file__), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    seed = str(rng.integers(2**31))
+    result = subprocess.run([sys.executable, "-c", GRAPH_SCRIPT, seed], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0 and "GRAPH_OK" in result.stdout, result.stdout + result.stderr[-3000:]
