@@ -5,8 +5,8 @@ Reference vs. the float64 model: the package computes in f32, so sigmoid, the bi
 two-term group sums differ from float64 by < 1e-6. The chosen set can only differ on a row
 where a selection boundary (last kept vs. first dropped group score, k-th vs. (k+1)-th biased
 score) is closer than that, so rows with a margin below 1e-5 are not compared (with random
-logits they are rare: asserted < 5% of the rows); every other row must choose exactly the
-model's experts, with weights within 1e-6 relative (f32 sigmoid and renormalization: a few
+logits 0.1-1.2% of the rows in these cases; asserted at most 2 + 5% of them); every other row
+must choose exactly the model's experts, with weights within 1e-6 relative (f32 sigmoid and renormalization: a few
 f32 ulps). Cases built from a few well-separated values ("ties") have exact ties in f32 and
 float64 alike and are compared exactly, order included.
 
@@ -106,7 +106,7 @@ def check_against_model(logits, bias, top_k, n_group, topk_group, renormalize=Tr
         return weights, ids
     # Against the model, on rows whose decisions are not within f32 noise of a tie.
     sure = margins > MARGIN
-    assert sure.mean() >= 0.95, f"{(~sure).sum()} of {m} rows near a tie"
+    assert (~sure).sum() <= 2 + 0.05 * m, f"{(~sure).sum()} of {m} rows near a tie"  # ~0.1-1.2% expected
     got_ids, got_w = sort_by_id(ids[sure], weights[sure])
     exp_ids, exp_w = sort_by_id(want_ids[sure], want_w[sure])
     np.testing.assert_array_equal(got_ids, exp_ids)
