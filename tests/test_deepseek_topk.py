@@ -6,8 +6,8 @@ two-term group sums differ from float64 by < 1e-6. The chosen set can only diffe
 where a selection boundary (last kept vs. first dropped group score, k-th vs. (k+1)-th biased
 score) is closer than that, so rows with a margin below 1e-5 are not compared (with random
 logits 0.1-1.2% of the rows in these cases; asserted at most 2 + 5% of them); every other row
-must choose exactly the model's experts, with weights within 1e-6 relative (f32 sigmoid and renormalization: a few
-f32 ulps). Cases built from a few well-separated values ("ties") have exact ties in f32 and
+must choose exactly the model's experts, with weights within 1e-6 relative (f32 sigmoid and
+renormalization: a few f32 ulps). Cases built from a few well-separated values ("ties") have exact ties in f32 and
 float64 alike and are compared exactly, order included.
 
 CUDA vs. reference: the same f32 operations in the same order (w4afp8_jax/ops/deepseek_topk.py),
