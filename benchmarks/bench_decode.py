@@ -20,15 +20,16 @@ Method: the L layers hold >= 20 GB of weights at L = 16, so the 60 MB L2 cannot 
 from the previous one; weights are random bytes, made on the device. Each measurement compiles
 two programs, one and two passes over the L layers, and takes (T(2 passes) - T(1 pass)) / L
 from wall-clock medians: the fixed cost of dispatching a program cancels.
-The layer loop is `lax.scan` over layer-stacked arrays (the W4Weights of a layer are built in
-the scan body). If the compiled scan copies each layer's weight slice before the GEMM reads it
-(XLA materialises a dynamic-slice feeding a custom call unless its dynamic-slice fusion
-applies; seen as temporary memory of a layer's size), --loop auto retries with
-xla_gpu_enable_dynamic_slice_fusion and then falls back to a Python-unrolled loop over
-per-layer arrays; the table and JSON say which loop ran and the temporary memory of each.
+The layer loop is a `lax.scan` over layer indices with the int4 weights passed whole and
+read through `W4Weights.layer(i)` views ("view", as model code should scan a stack). The
+other loops exist to show what happens otherwise: "scan" over layer-stacked arrays, where XLA
+materialises each layer's weight slice before the custom call reads it (seen as temporary
+memory of a layer's size), "scan-dsf" with xla_gpu_enable_dynamic_slice_fusion, and
+"unrolled" over per-layer buffers. --loop auto takes the first that does not copy; the table
+and JSON say which loop ran and the temporary memory of each.
 
   python3 benchmarks/bench_decode.py [--layers 16] [--batches 1,2,4,8,16,20,32,64,128]
-      [--json PATH] [--png PATH] [--seed-dir DIR] [--no-peers] [--loop auto|scan|scan-dsf|unrolled]
+      [--json PATH] [--png PATH] [--seed-dir DIR] [--no-peers] [--loop auto|view|scan|scan-dsf|unrolled]
 """
 
 from __future__ import annotations
@@ -51,8 +52,10 @@ from w4afp8_jax import W4Weights, deepseek_topk, gather_quantize, grouped_gemm, 
 
 BATCHES = (1, 2, 4, 8, 16, 20, 32, 64, 128)
 QUICK_BATCHES = (1, 20)
-LOOPS = ("scan", "scan-dsf", "unrolled")
-COMPILER_OPTIONS = {"scan": None, "scan-dsf": {"xla_gpu_enable_dynamic_slice_fusion": True}, "unrolled": None}
+LOOPS = ("view", "scan", "scan-dsf", "unrolled")
+COMPILER_OPTIONS = {"view": None, "scan": None, "scan-dsf": {"xla_gpu_enable_dynamic_slice_fusion": True},
+                    "unrolled": None}
+WEIGHTS = ("w13_packed", "w13_scales", "w2_packed", "w2_scales")
 PROGRAMS = ("layer_router", "layer_uniform", "router_prep", "gemm1", "gemm2")
 RMS_EPS = 1e-6
 
@@ -74,12 +77,19 @@ def make_layers(key, shape, num_layers: int) -> dict:
             "gamma": 1.0 + 0.1 * jax.random.normal(keys[4], (num_layers, shape.hidden), jnp.float32)}
 
 
+def weights_of(p, name: str) -> W4Weights:
+    """The layer's W4Weights: a `layer()` view of the stack (read in place) in the view loop,
+    else the arrays the loop handed over."""
+    w = W4Weights(p[f"{name}_packed"], p[f"{name}_scales"], P.GROUP_SIZE, layout="tiled")
+    return w.layer(p["layer"]) if "layer" in p else w
+
+
 def w13_of(p) -> W4Weights:
-    return W4Weights(p["w13_packed"], p["w13_scales"], P.GROUP_SIZE, layout="tiled")
+    return weights_of(p, "w13")
 
 
 def w2_of(p) -> W4Weights:
-    return W4Weights(p["w2_packed"], p["w2_scales"], P.GROUP_SIZE, layout="tiled")
+    return weights_of(p, "w2")
 
 
 def layer_args(weights, extra: dict, loop: str):
@@ -87,6 +97,11 @@ def layer_args(weights, extra: dict, loop: str):
     per-layer extras (routing) in one dict; unrolled, weights is a list of per-layer dicts
     (separate buffers, so no slice of a stacked array feeds a kernel) and each gets its layer's
     extras."""
+    if loop == "view":  # int4 weights stay whole (views); the scan slices the small per-layer arrays
+        num_layers = weights["w13_packed"].shape[0]
+        xs = {name: a for name, a in weights.items() if name not in WEIGHTS}
+        return {"stack": {name: weights[name] for name in WEIGHTS},
+                "xs": {**xs, **extra, "layer": jnp.arange(num_layers, dtype=jnp.int32)}}
     if loop != "unrolled":
         return {**weights, **extra}
     return [{**w, **{name: a[i] for name, a in extra.items()}} for i, w in enumerate(weights)]
@@ -103,6 +118,8 @@ def over_layers(body, carry, layers, loop: str, collect: bool):
     def step(c, p):
         c, y = body(c, p)
         return c, (y if collect else None)
+    if loop == "view":
+        return jax.lax.scan(lambda c, p: step(c, {**layers["stack"], **p}), carry, layers["xs"])
     if loop != "unrolled":
         return jax.lax.scan(step, carry, layers)
     ys = []

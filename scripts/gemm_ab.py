@@ -5,7 +5,8 @@ per build so both can register the same FFI target names.
     PYTHONPATH=<build B's package root> python3 scripts/gemm_ab.py --label B --json b.json
     python3 scripts/gemm_ab.py --compare a.json b.json
 
-Each point is the slope time of a jitted lax.scan over S rotating weight sets (so the 60 MB L2
+With --once each point launches its kernel twice (warm-up, measured) for Nsight Compute
+(--ncu attaches the kernel-only times). Otherwise each point is the slope time of a jitted lax.scan over S rotating weight sets (so the 60 MB L2
 cannot serve the weights): (t(2n calls) - t(n calls)) / n, median of repeats. The same seeds
 give both builds the same problems. With --check, every timed configuration is also compared
 with the reference path on the CPU (relative Frobenius error).
@@ -82,11 +83,21 @@ def run(args):
 
                 def many(packed, scales, lhs, offsets, calls, fn=fn):
                     def body(acc, i):
-                        w = w4.W4Weights(packed[i % sets], scales[i % sets], layout="tiled")
+                        if hasattr(w4.W4Weights, "layer"):  # read in place (no copy of the set)
+                            w = w4.W4Weights(packed, scales, layout="tiled").layer(i % sets)
+                        else:  # builds before layer(): XLA copies the slice each step
+                            w = w4.W4Weights(packed[i % sets], scales[i % sets], layout="tiled")
                         out = fn(lhs, scale, w, offsets)
                         return acc + out[0, 0].astype(jnp.float32), None
                     return jax.lax.scan(body, jnp.float32(0), jnp.arange(calls))[0]
 
+                if args.once:  # for Nsight Compute: one warm-up and one measured launch per point
+                    w = w4.W4Weights(packed[0], scales[0], layout="tiled")
+                    g = jax.jit(fn)
+                    for _ in range(2):
+                        g(lhs, scale, w, offsets).block_until_ready()
+                    results.append({"shape": shape_name, "batch": batch, "config": config})
+                    continue
                 operands = (packed, scales, lhs, offsets)
                 f1 = jax.jit(lambda *a: many(*a, args.calls))
                 f2 = jax.jit(lambda *a: many(*a, 2 * args.calls))
@@ -114,6 +125,24 @@ def run(args):
         json.dump(results, f, indent=1)
 
 
+def ncu_times(points_path, csv_path):
+    """Attaches Nsight Compute kernel times (every second GroupedGemm launch: the measured one)
+    to the points a --once run wrote."""
+    import csv
+    with open(csv_path) as f:
+        lines = [line for line in f if line.startswith('"')]
+    rows = [r for r in csv.DictReader(lines) if r.get("Metric Name") == "gpu__time_duration.sum"]
+    scale = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3}
+    times = [float(r["Metric Value"].replace(",", "")) * scale[r["Metric Unit"]] for r in rows]
+    points = json.load(open(points_path))
+    if len(times) != 2 * len(points):
+        raise SystemExit(f"{csv_path}: {len(times)} GroupedGemm launches for {len(points)} points (want 2 each)")
+    for point, t in zip(points, times[1::2]):
+        point["us"] = t
+    with open(points_path, "w") as f:
+        json.dump(points, f, indent=1)
+
+
 def compare(a_path, b_path):
     a = {(p["shape"], p["batch"], p["config"]): p["us"] for p in json.load(open(a_path))}
     b = {(p["shape"], p["batch"], p["config"]): p["us"] for p in json.load(open(b_path))}
@@ -138,9 +167,13 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--check", action="store_true")
     p.add_argument("--compare", nargs=2, metavar=("A_JSON", "B_JSON"))
+    p.add_argument("--once", action="store_true", help="one measured launch per point, for Nsight Compute")
+    p.add_argument("--ncu", nargs=2, metavar=("POINTS_JSON", "NCU_CSV"), help="attach ncu kernel times")
     args = p.parse_args()
     if args.compare:
         compare(*args.compare)
+    elif args.ncu:
+        ncu_times(*args.ncu)
     else:
         run(args)
 
