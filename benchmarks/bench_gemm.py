@@ -90,7 +90,10 @@ def run_ours(args, impl, problems, gemm, key, rates, result):
 
         seconds, detail = timed()
         row.update(ours_us=seconds * 1e6, ours_timing=detail, **P.fractions(seconds * 1e6, row, rates))
-        if args.highest_min_b and b >= args.highest_min_b:
+        picks = {p: w4afp8_jax.grouped_gemm_default_config(rows, n, k, shape.experts, precision=p)
+                 for p in (None, jax.lax.Precision.HIGHEST)}
+        row["configs"] = {"default": picks[None], "highest": picks[jax.lax.Precision.HIGHEST]}
+        if args.highest_min_b and b >= args.highest_min_b and picks[None] != picks[jax.lax.Precision.HIGHEST]:
             t, _ = timed(jax.lax.Precision.HIGHEST, calls=detail["calls"])
             row.update(highest_us=t * 1e6, highest_mem_fraction=P.fractions(t * 1e6, row, rates)["mem_fraction"],
                        highest_fp8_fraction=P.fractions(t * 1e6, row, rates)["fp8_fraction"])
@@ -244,8 +247,8 @@ def main() -> None:
     parser.add_argument("--peers", type=name_list(tuple(PEERS)), default=tuple(PEERS),
                         help="comma-separated peers to time (default: %s)" % ",".join(PEERS))
     parser.add_argument("--highest-min-b", type=int, default=128,
-                        help="also time precision=HIGHEST from this B up (where the precisions may pick different "
-                             "kernels); 0: never")
+                        help="also time precision=HIGHEST from this B up where the heuristic picks another kernel "
+                             "for it; 0: never")
     parser.add_argument("--sweep", nargs="?", const="all", default=None, metavar="CONFIGS",
                         help="also time every configuration of grouped_gemm_configs() (or the comma-separated names)")
     parser.add_argument("--peer-sets", type=int, default=4, help="weight sets the seed rotates over")

@@ -6,7 +6,7 @@ deepseek_topk -> route -> gather_quantize -> grouped_gemm -> silu_mul_quantize -
 -> combine; `moe` runs steps 1-6 as one jit-compatible function.
 """
 
-from ._backend import GemmConfig, cuda_unavailable_reason, grouped_gemm_configs
+from ._backend import GemmConfig, cuda_unavailable_reason, grouped_gemm_configs, grouped_gemm_default_config
 from .expert_parallel import moe_expert_parallel
 from .fp8 import quantize_fp8
 from .moe import moe
@@ -24,7 +24,7 @@ from .ragged_dot import ragged_dot
 __all__ = [
     "MoEExperts", "load_moe_experts", "ragged_dot",
     "GemmConfig", "Routing", "W4Weights", "combine", "cuda_unavailable_reason", "deepseek_topk", "gather_quantize",
-    "grouped_gemm", "grouped_gemm_configs", "moe", "moe_expert_parallel", "moe_tensor_parallel", "pack_int4",
+    "grouped_gemm", "grouped_gemm_configs", "grouped_gemm_default_config", "moe", "moe_expert_parallel", "moe_tensor_parallel", "pack_int4",
     "quantize_fp8", "quantize_weights", "route", "shard_tensor_parallel", "silu_mul_quantize", "tensor_parallel_slice",
     "unpack_int4",
 ]

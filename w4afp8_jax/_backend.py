@@ -62,12 +62,14 @@ def grouped_gemm_configs() -> tuple[GemmConfig, ...]:
     return tuple(GemmConfig(**c) for c in _w4afp8_cuda.grouped_gemm_configs())
 
 
-def grouped_gemm_default_config(rows: int, n: int, k: int, experts: int, *, exact: bool) -> str | None:
-    """The configuration name the CUDA heuristic picks for these static sizes (None without the
-    CUDA module)."""
+def grouped_gemm_default_config(rows: int, n: int, k: int, experts: int, *, precision=None) -> str | None:
+    """The name of the configuration the CUDA path's heuristic picks for lhs [rows, k] and
+    weights [experts, n, k / 2] at this precision (the routing never matters), or None without
+    the CUDA module."""
     if _w4afp8_cuda is None:
         return None
-    return _w4afp8_cuda.grouped_gemm_default_config(rows, n, k, experts, exact)
+    from .ops.grouped_gemm import is_exact
+    return _w4afp8_cuda.grouped_gemm_default_config(rows, n, k, experts, is_exact(precision))
 
 
 def check_gemm_config(arg: str, name: str, *, exact: bool) -> None:
