@@ -177,7 +177,7 @@ def main() -> None:
     precision = jax.lax.Precision(args.precision)
 
     def layer(x, logits, bias, w13, w2, implementation=impl):
-        weights, ids = deepseek_topk(logits, bias)
+        weights, ids = deepseek_topk(logits, bias, implementation=implementation)
         return moe(x, ids, weights, w13, w2, a1_scale=a1_scale, a2_scale=a2_scale,
                    routed_scaling_factor=ROUTED_SCALING_FACTOR, precision=precision,
                    implementation=implementation)
