@@ -44,8 +44,7 @@ KernelEntry Wgmma() {
 
 // RegisterConfig<16-row tiles per warp, 8-token tiles per block, warps along N, warps along K,
 // register stages>; StreamConfig<16-row tiles per warp, 8-token tiles per warp, cp.async
-// stages, warps splitting K (1 or all 4)>. Names follow (family_rows x tokens _k split-K _s
-// stages). The heuristic uses a few;
+// stages>. Names follow (family_rows x tokens _k split-K _s stages). The heuristic uses a few;
 // the rest are candidates for the sweeps in benchmarks/ncu_gemm_tiles.py.
 const std::vector<KernelEntry>& Table() {
   static const std::vector<KernelEntry> table = {
@@ -63,9 +62,6 @@ const std::vector<KernelEntry>& Table() {
       Stream<StreamConfig<2, 1, 6>>(),            // stream_32x8_s6: decode
       Stream<StreamConfig<1, 2, 6>>(),            // stream_16x16_s6
       Stream<StreamConfig<2, 2, 4>>(),            // stream_32x16_s4: decode, larger batches
-      Stream<StreamConfig<1, 1, 6, 4>>(),         // stream_16x8_k4_s6: split K over the block's warps
-      Stream<StreamConfig<1, 1, 8, 4>>(),         // stream_16x8_k4_s8
-      Stream<StreamConfig<2, 1, 6, 4>>(),         // stream_32x8_k4_s6
       Wgmma(),                                    // wgmma_128x128_s4: prefill, precision=DEFAULT
   };
   return table;
