@@ -78,7 +78,7 @@ if run_phase ab; then
     PYTHONPATH="$2" python3 "$2/benchmarks/ncu_gemm_tiles.py" report --order "$OUT/ab_$1_order.json" \
       --csv "$OUT/ab_$1.csv" | tee "$OUT/ab_$1.txt"
   }
-  [ -d .ab/old ] && ncu_run old .ab/old "${AB_OLD_CONFIGS:-1,10,6,15}"
+  [ -d .ab/old ] && [ "${AB_OLD_CONFIGS:-}" != none ] && ncu_run old .ab/old "${AB_OLD_CONFIGS:-1,10,6,15}"
   ncu_run new . "${AB_NEW_CONFIGS:-register_16x8_k4_s4,stream_32x8_s6,register_128x32_k1_s2,wgmma_128x128_s4}"
 fi
 
