@@ -202,6 +202,7 @@ def run(args) -> dict:
     rows = []
     for mode in args.modes:
         weights = layer_weights(jax.random.fold_in(key, 1000), shape, mode, mesh, args.layers, layout)
+        layers = program = None
         for b in args.batches:
             if mode == "ep_a2a" and b % p:
                 continue
@@ -224,7 +225,7 @@ def run(args) -> dict:
                              layer_us=layer_s * 1e6, comm_us=None if comm_s is None else comm_s * 1e6))
             print(f"{mode:8s} B={b:5d} layer {layer_s * 1e6:9.1f} us"
                   + ("" if comm_s is None else f"  collectives {comm_s * 1e6:8.1f} us"), flush=True)
-        del weights
+        del weights, layers, program  # free this mode's weights before the next mode makes its own
     one = {r["b"]: r["layer_us"] for r in rows if r["mode"] == "one_gpu"}
     for r in rows:
         if r["b"] in one and r["layer_us"] > 0:
