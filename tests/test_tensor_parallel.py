@@ -146,6 +146,8 @@ def test_tensor_parallel_rejects_bad_arguments(layer_weights):
         call(x, ids, tw, w13_tp, w2_tp, a1_scale=-1.0)
     with pytest.raises(ValueError, match="topk_ids"):
         call(x, ids[:5], tw[:5], w13_tp, w2_tp)
+    with pytest.raises(ValueError, match="x must have rank 2"):
+        call(x[0], ids, tw, w13_tp, w2_tp)
     with pytest.raises(ValueError, match="group_size"):
         w4.shard_tensor_parallel(w13, w2, 16)  # I/16 = 64 columns: half a scale group
     with pytest.raises(ValueError, match="rank"):

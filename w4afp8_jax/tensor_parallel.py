@@ -23,7 +23,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from . import _backend
 from ._parallel import (axis_size, check_precision, empty_output, gather_tokens, partial_layer, sum_shares)
-from ._validate import check_static_scale
+from ._validate import check_static_scale, require_rank
 from .moe import check_moe_args
 from .weights import W4Weights
 
@@ -126,8 +126,12 @@ def moe_tensor_parallel(x, topk_ids, topk_weights, w13: W4Weights, w2: W4Weights
     for name, w in (("w13", w13), ("w2", w2)):
         if not isinstance(w, W4Weights):
             raise TypeError(f"{name} must be a W4Weights, got {type(w).__name__}")
-    hidden = np.shape(x)[-1] if np.ndim(x) == 2 else None
-    if hidden is not None and (w2.out_features != size * hidden or w13.out_features != 2 * size * w2.in_features):
+        if np.ndim(w.packed) != 3:
+            raise ValueError(f"{name} must hold one layer's weights [E, N, K/2], got packed shape "
+                             f"{tuple(np.shape(w.packed))} (scan over the leading axes)")
+    require_rank("x", x, 2)
+    hidden = np.shape(x)[1]
+    if (w2.out_features != size * hidden or w13.out_features != 2 * size * w2.in_features):
         raise ValueError(f"w2 must be arranged by shard_tensor_parallel(w13, w2, {size}) for the {size} devices of "
                          f"{axis_name!r}: expected w2 [E, {size}*H, I/{size}] = [E, {size * hidden}, "
                          f"{w13.out_features // (2 * size)}] with H = {hidden}, got [E, {w2.out_features}, "
