@@ -217,3 +217,30 @@ def test_reader_agrees_with_safetensors(rng, tmp_path):
     for name, a in arrays.items():
         assert mine.tensor(name).dtype == a.dtype
         np.testing.assert_array_equal(mine.tensor(name).view(np.uint8), a.view(np.uint8))
+
+
+@pytest.mark.gpu
+def test_loaded_stack_on_the_cuda_path(rng, tmp_path):
+    """Checkpoint -> load_moe_experts (tiled, on the GPU) -> moe over the layer stack on the CUDA
+    path, against the reference path on the CPU (which defines the numerics; bound as in
+    test_moe_gpu.py: a few one-ulp flips, 5e-3 normwise)."""
+    write_checkpoint(tmp_path, rng, experts=16)
+    experts = w4.load_moe_experts(tmp_path, progress=False)
+    assert experts.w13.packed.devices() == {jax.devices()[0]}
+    x = rng.standard_normal((8, H)).astype(ml_dtypes.bfloat16)
+    ids = np.stack([rng.choice(16, 4, replace=False) for _ in range(8)]).astype(np.int32)
+    tw = rng.random((8, 4)).astype(np.float32)
+
+    def stack(x, ids, tw, experts, implementation):
+        def layer(c, e):
+            return c, w4.moe(x, ids, tw, e.w13, e.w2, a1_scale=e.a1_scale, a2_scale=e.a2_scale,
+                             routed_scaling_factor=2.5, precision=jax.lax.Precision.HIGHEST,
+                             implementation=implementation)
+        return jax.lax.scan(layer, 0, experts)[1]
+
+    got = jax.jit(lambda *a: stack(*a, "cuda"))(x, ids, tw, experts)
+    cpu = jax.devices("cpu")[0]
+    want = jax.jit(lambda *a: stack(*a, "reference"))(*jax.device_put((x, ids, tw, experts), cpu))
+    got, want = np.asarray(got.astype(jnp.float32)), np.asarray(want.astype(jnp.float32))
+    assert np.all(np.isfinite(got)) and np.linalg.norm(want) > 0
+    assert np.linalg.norm(got - want) <= 5e-3 * np.linalg.norm(want)
