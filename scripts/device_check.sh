@@ -7,6 +7,7 @@
 #             over selected kernels
 #   ab        kernel-only times (Nsight Compute) of this build and of the build in .ab/old
 #             (a package + module of an earlier commit, with its own benchmarks/), same problems
+#   layer     the kernels of one decode layer (B = 1 and 20) with their kernel-only times
 #   bench     bench_decode.py and bench_gemm.py (decode and prefill B), JSON and PNG
 #   multi     the multi-GPU tests and bench_multi_gpu.py (needs 2+ GPUs)
 # The CUDA module is built here when w4afp8_jax/ holds none (carry a build made for Python 3.12
@@ -80,6 +81,14 @@ if run_phase ab; then
   }
   [ -d .ab/old ] && [ "${AB_OLD_CONFIGS:-}" != none ] && ncu_run old .ab/old "${AB_OLD_CONFIGS:-1,10,6,15}"
   ncu_run new . "${AB_NEW_CONFIGS:-register_16x8_k4_s4,stream_32x8_s6,register_128x32_k1_s2,wgmma_128x128_s4}"
+fi
+
+if run_phase layer; then  # one decode layer's kernels, kernel-only times (Nsight Compute)
+  for b in ${LAYER_TOKENS:-1 20}; do
+    ncu --clock-control none --metrics gpu__time_duration.sum --csv \
+      python3 benchmarks/ncu_layer.py launch --tokens "$b" >"$OUT/ncu_layer.csv" 2>/dev/null
+    echo "layer B=$b:"; python3 benchmarks/ncu_layer.py report --csv "$OUT/ncu_layer.csv" | tee -a "$OUT/layer.txt"
+  done
 fi
 
 if run_phase bench; then
