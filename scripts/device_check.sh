@@ -1,105 +1,126 @@
 #!/usr/bin/env bash
-# GPU work on the device machine, in phases chosen to fit a lease. Logs and JSON go to $OUT.
-#   usage: PHASES="tests sanitize ab bench multi" bash scripts/device_check.sh [pytest -k expression]
+# GPU work on the device machine, in phases chosen to fit a lease. The files worth keeping go to
+# $OUT (at most a handful: the device tool returns 8); scratch goes to $AUX. A summary of every
+# phase is printed last.
+#   usage: PHASES="tests sanitize ab layer bench multi" bash scripts/device_check.sh [pytest -k expression]
 #   tests     the GPU tests of the whole suite (pytest -m gpu), in parallel processes
-#   sanitize  compute-sanitizer memcheck over every GPU test file (small cases; the platform
-#             allocator, so out-of-bounds accesses are visible) and racecheck/synccheck/initcheck
+#   sanitize  compute-sanitizer memcheck over the GPU test files (small cases; the platform
+#             allocator, so out-of-bounds accesses are visible), racecheck/synccheck/initcheck
 #             over selected kernels
 #   ab        kernel-only times (Nsight Compute) of this build and of the build in .ab/old
-#             (a package + module of an earlier commit, with its own benchmarks/), same problems
+#             (a package + module of an earlier commit, with its own benchmarks/)
 #   layer     the kernels of one decode layer (B = 1 and 20) with their kernel-only times
-#   bench     bench_decode.py and bench_gemm.py (decode and prefill B), JSON and PNG
+#   bench     bench_decode.py and bench_gemm.py (BENCH_GEMM_BATCHES), JSON and PNG
 #   multi     the multi-GPU tests and bench_multi_gpu.py (needs 2+ GPUs)
-# The CUDA module is built here when w4afp8_jax/ holds none (carry a build made for Python 3.12
-# and jax 0.11.2 to skip that); the seed's library is read from .peers/sgl_w4a8 (carry it).
+# Each phase has a time limit (PHASE_LIMIT seconds, default 300). The CUDA module is built here
+# when w4afp8_jax/ holds none (carry a build made for Python 3.12 and jax 0.11.2 to skip that);
+# the seed's library is read from .peers/sgl_w4a8 (carry it).
 set -uo pipefail
 OUT=${OUT:-/tmp/w4afp8_out}
-mkdir -p "$OUT"
+AUX=${AUX:-/tmp/w4afp8_aux}
+mkdir -p "$OUT" "$AUX"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 XLA_PYTHON_CLIENT_PREALLOCATE=false
 PHASES=${PHASES:-tests}
+LIMIT=${PHASE_LIMIT:-300}
 KEXPR=${1:-}
+SUMMARY=$AUX/summary.txt
+: >"$SUMMARY"
+note() { echo "$*" | tee -a "$SUMMARY"; }
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
+note "$(nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader)"
 if ! ls w4afp8_jax/_w4afp8_cuda*.so >/dev/null 2>&1; then
   start=$(date +%s)
-  cmake -S . -B build/device -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE="$(command -v python3)" >"$OUT/build.log" 2>&1 &&
-    cmake --build build/device -j16 >>"$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
+  cmake -S . -B build/device -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE="$(command -v python3)" >"$AUX/build.log" 2>&1 &&
+    cmake --build build/device -j16 >>"$AUX/build.log" 2>&1 || { tail -50 "$AUX/build.log"; exit 1; }
   cp build/device/_w4afp8_cuda*.so w4afp8_jax/
-  echo "build: $(( $(date +%s) - start )) s"
+  note "build: $(( $(date +%s) - start )) s"
 fi
-python3 -c "import jax, w4afp8_jax as w; print('jax', jax.__version__, jax.devices()); print('cuda:', w.cuda_unavailable_reason() or 'ok')" | tee -a "$OUT/gpu.txt"
+note "$(python3 -c "import jax, w4afp8_jax as w; print('jax', jax.__version__, jax.devices(), 'cuda:', w.cuda_unavailable_reason() or 'ok')")"
 status=0
 run_phase() { [[ " $PHASES " == *" $1 "* ]]; }
 
 if run_phase tests; then
-  python3 -m pytest -q -m gpu -n 8 -p no:cacheprovider -rs ${KEXPR:+-k "$KEXPR"} tests 2>&1 | tee "$OUT/pytest_gpu.log" | tail -25
-  status=${PIPESTATUS[0]}
+  timeout "$LIMIT" python3 -m pytest -q -m gpu -n 8 -p no:cacheprovider -rfEs ${KEXPR:+-k "$KEXPR"} tests \
+    >"$OUT/pytest_gpu.log" 2>&1
+  status=$?
+  note "tests (rc $status): $(grep -E '^(FAILED|ERROR) ' "$OUT/pytest_gpu.log" | head -20)"
+  note "$(tail -1 "$OUT/pytest_gpu.log")"
 fi
 
 if run_phase sanitize; then
-  # Under the sanitizers kernels run 10-100x slower: the largest cases are left out, the files
-  # run in parallel, and every run has its own time limit (SANITIZE_LIMIT seconds).
-  limit=${SANITIZE_LIMIT:-240}
+  # Under the sanitizers kernels run 10-100x slower: the largest cases are left out and the
+  # runs go in parallel, each within the phase's limit.
   small="not 65536 and not uniform256 and not 4096 and not 300 and not 2048 and not random64 and not 8192"
   export XLA_PYTHON_CLIENT_ALLOCATOR=platform
-  for f in tests/test_{route,gather_quantize,grouped_gemm,silu_mul_quantize,combine,moe,deepseek_topk,layer_view,edge_cases}.py; do
+  for f in ${SANITIZE_FILES:-tests/test_{route,gather_quantize,grouped_gemm,silu_mul_quantize,combine,moe,deepseek_topk,layer_view,edge_cases}.py}; do
     [ -e "$f" ] || continue
     name=$(basename "$f" .py)
     selection=$small
     [ "$name" = test_grouped_gemm ] && selection="(every_tile and tiled) or out_of_range or bad_input or same_jit"
-    timeout "$limit" compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -m gpu -p no:cacheprovider \
-      "$f" -k "$selection" >"$OUT/memcheck_$name.log" 2>&1 &
-  done
-  wait
-  for f in "$OUT"/memcheck_*.log; do
-    echo "$(basename "$f" .log): $(grep -E 'ERROR SUMMARY' "$f" | tail -1) $(grep -E '[0-9]+ (passed|failed)' "$f" | tail -1)"
+    timeout "$LIMIT" compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -m gpu \
+      -p no:cacheprovider "$f" -k "$selection" >"$AUX/memcheck_$name.log" 2>&1 &
   done
   for tool in racecheck synccheck initcheck; do
-    timeout "$limit" compute-sanitizer --tool $tool --error-exitcode 9 python3 -m pytest -q -m gpu -p no:cacheprovider \
+    timeout "$LIMIT" compute-sanitizer --tool $tool --error-exitcode 9 python3 -m pytest -q -m gpu -p no:cacheprovider \
       tests/test_grouped_gemm.py tests/test_deepseek_topk.py \
       -k "(every_tile and tiled and (register_16x8_k4_s4 or stream_32x8_s6 or wgmma)) or (cuda_matches and 64-256)" \
-      >"$OUT/${tool}.log" 2>&1 &
+      >"$AUX/${tool}.log" 2>&1 &
   done
   wait
-  for tool in racecheck synccheck initcheck; do
-    echo "$tool: $(grep -E 'SUMMARY' "$OUT/$tool.log" | tail -1) $(grep -E '[0-9]+ (passed|failed)' "$OUT/$tool.log" | tail -1)"
-  done
   unset XLA_PYTHON_CLIENT_ALLOCATOR
+  for f in "$AUX"/memcheck_*.log "$AUX"/racecheck.log "$AUX"/synccheck.log "$AUX"/initcheck.log; do
+    note "$(basename "$f" .log): $(grep -E 'SUMMARY' "$f" | tail -1) | $(grep -E '[0-9]+ (passed|failed|error)' "$f" | tail -1)"
+  done
+  cat "$AUX"/memcheck_*.log "$AUX"/racecheck.log "$AUX"/synccheck.log "$AUX"/initcheck.log >"$OUT/sanitizers.log"
 fi
 
 if run_phase ab; then
   ab_batches=${AB_BATCHES:-1,16,512,8192}
   ncu_run() {  # label, package root, configs
-    ncu --clock-control none --kernel-name regex:GroupedGemm --metrics gpu__time_duration.sum --csv \
-      env PYTHONPATH="$2" python3 "$2/benchmarks/ncu_gemm_tiles.py" launch --order "$OUT/ab_$1_order.json" \
-      --configs "$3" --batches "$ab_batches" >"$OUT/ab_$1.csv" 2>"$OUT/ab_$1.err"
-    PYTHONPATH="$2" python3 "$2/benchmarks/ncu_gemm_tiles.py" report --order "$OUT/ab_$1_order.json" \
-      --csv "$OUT/ab_$1.csv" | tee "$OUT/ab_$1.txt"
+    timeout "$LIMIT" ncu --clock-control none --kernel-name regex:GroupedGemm --metrics gpu__time_duration.sum --csv \
+      env PYTHONPATH="$2" python3 "$2/benchmarks/ncu_gemm_tiles.py" launch --order "$AUX/ab_$1_order.json" \
+      --configs "$3" --batches "$ab_batches" >"$AUX/ab_$1.csv" 2>"$AUX/ab_$1.err"
+    PYTHONPATH="$2" python3 "$2/benchmarks/ncu_gemm_tiles.py" report --order "$AUX/ab_$1_order.json" \
+      --csv "$AUX/ab_$1.csv" >"$OUT/ab_$1.txt"
+    note "ab $1:"; note "$(grep -A40 '^best' "$OUT/ab_$1.txt")"
   }
   [ -d .ab/old ] && [ "${AB_OLD_CONFIGS:-}" != none ] && ncu_run old .ab/old "${AB_OLD_CONFIGS:-1,10,6,15}"
   ncu_run new . "${AB_NEW_CONFIGS:-register_16x8_k4_s4,stream_32x8_s6,register_128x32_k1_s2,wgmma_128x128_s4}"
 fi
 
-if run_phase layer; then  # one decode layer's kernels, kernel-only times (Nsight Compute)
+if run_phase layer; then
   for b in ${LAYER_TOKENS:-1 20}; do
-    ncu --clock-control none --metrics gpu__time_duration.sum --csv \
-      python3 benchmarks/ncu_layer.py launch --tokens "$b" >"$OUT/ncu_layer.csv" 2>/dev/null
-    echo "layer B=$b:"; python3 benchmarks/ncu_layer.py report --csv "$OUT/ncu_layer.csv" | tee -a "$OUT/layer.txt"
+    timeout "$LIMIT" ncu --clock-control none --metrics gpu__time_duration.sum --csv \
+      python3 benchmarks/ncu_layer.py launch --tokens "$b" >"$AUX/ncu_layer.csv" 2>"$AUX/ncu_layer.err"
+    echo "layer B=$b:" >>"$OUT/layer.txt"
+    python3 benchmarks/ncu_layer.py report --csv "$AUX/ncu_layer.csv" >>"$OUT/layer.txt" 2>&1
   done
+  note "$(cat "$OUT/layer.txt")"
 fi
 
 if run_phase bench; then
-  python3 benchmarks/bench_decode.py --json "$OUT/bench_decode.json" --png "$OUT/bench_decode.png" 2>&1 |
-    tee "$OUT/bench_decode.log" | tail -40
-  python3 benchmarks/bench_gemm.py --json "$OUT/bench_gemm.json" --png "$OUT/bench_gemm.png" 2>&1 |
-    tee "$OUT/bench_gemm.log" | tail -40
+  timeout "$LIMIT" python3 benchmarks/bench_decode.py --json "$OUT/bench_decode.json" --png "$OUT/bench_decode.png" \
+    ${BENCH_DECODE_ARGS:-} >"$AUX/bench_decode.log" 2>&1
+  note "bench_decode (rc $?):"; note "$(tail -32 "$AUX/bench_decode.log")"
+  timeout "$LIMIT" python3 benchmarks/bench_gemm.py --json "$OUT/bench_gemm.json" --png "$OUT/bench_gemm.png" \
+    --batches "${BENCH_GEMM_BATCHES:-1,4,16,32,64,128,256,512,1024,2048,4096,8192}" --peers seed,torch-fp8 \
+    >"$AUX/bench_gemm.log" 2>&1
+  note "bench_gemm (rc $?):"; note "$(tail -40 "$AUX/bench_gemm.log")"
 fi
 
 if run_phase multi; then
-  python3 -m pytest -q -m gpu -p no:cacheprovider -rs tests/test_multi_gpu_gpu.py 2>&1 | tee "$OUT/pytest_multi.log" | tail -8
-  python3 benchmarks/bench_multi_gpu.py --json "$OUT/bench_multi_gpu.json" 2>&1 | tee "$OUT/bench_multi_gpu.log" | tail -30
+  timeout "$LIMIT" python3 -m pytest -q -m gpu -p no:cacheprovider -rfEs tests/test_multi_gpu_gpu.py \
+    >"$OUT/pytest_multi.log" 2>&1
+  note "multi-GPU tests (rc $?): $(grep -E '^(FAILED|ERROR) ' "$OUT/pytest_multi.log" | head -10)"
+  note "$(tail -1 "$OUT/pytest_multi.log")"
+  timeout "$LIMIT" python3 benchmarks/bench_multi_gpu.py --json "$OUT/bench_multi_gpu.json" ${BENCH_MULTI_ARGS:-} \
+    >"$AUX/bench_multi_gpu.log" 2>&1
+  note "bench_multi_gpu (rc $?):"; note "$(tail -30 "$AUX/bench_multi_gpu.log")"
 fi
+cp "$SUMMARY" "$OUT/summary.txt"
+echo "================ summary"
+cat "$SUMMARY"
 exit "$status"
