@@ -129,3 +129,17 @@ def test_all_zero_tensor_gets_scale_one():
     q, s = w4.quantize_fp8(jnp.zeros((4, 8), jnp.bfloat16))
     assert float(s) == 1.0
     assert np.all(np.asarray(q).astype(np.float32) == 0.0)
+
+
+def test_dynamic_scale_range_rule():
+    # max(amax / 448, 2**-126), and 1 below 2**-126 (zero, subnormal, NaN: docs/numerics.md).
+    from w4afp8_jax.fp8 import finite_amax, scale_from_amax
+    tiny = np.finfo(np.float32).tiny
+    cases = [(448.0, 1.0), (1.0, np.float32(1) / np.float32(448)), (448 * tiny, tiny), (448 * tiny / 3, tiny),
+             (tiny, tiny), (tiny / 2, 1.0), (0.0, 1.0), (np.nan, 1.0), (3.0e38, np.float32(3.0e38) / np.float32(448))]
+    for amax, want in cases:
+        assert float(scale_from_amax(jnp.float32(amax))) == np.float32(want), amax
+    x = jnp.asarray([[-3.0, jnp.nan], [jnp.inf, 2.0], [-jnp.inf, 0.5]])
+    assert float(finite_amax(x)) == 3.0
+    assert float(finite_amax(jnp.zeros((0, 4)))) == 0.0
+    assert float(finite_amax(jnp.asarray([jnp.nan, jnp.inf]))) == 0.0
