@@ -29,7 +29,8 @@ def tensor_parallel_bound(x, ids, tw, w13, w2, size, *, got, want, routed_scalin
         q1, s1 = w4.gather_quantize(x, routing.positions, a1_scale, **impl)
         c1 = w4.grouped_gemm(q1, s1, w13, routing.group_offsets, precision=precision, **impl)
         q2, s2 = w4.silu_mul_quantize(c1, routing.group_offsets, a2_scale, **impl)
-        c2 = jnp.abs(w4.grouped_gemm(q2, s2, w2, routing.group_offsets, precision=precision, **impl).astype(jnp.float32))
+        c2 = w4.grouped_gemm(q2, s2, w2, routing.group_offsets, precision=precision, **impl)
+        c2 = jnp.abs(c2.astype(jnp.float32))
         part = inter // size
         for r in range(size):
             w2_r = w4.tensor_parallel_slice(w13, w2, r, size)[1]

@@ -103,7 +103,7 @@ CASES += [("ep_all_gather", "uniform", True, None, 256), ("tp", "uniform", False
 
 
 def run_mode(setup, mode, x, ids, tw, **kwargs):
-    mesh, size = setup["mesh"], setup["size"]
+    mesh = setup["mesh"]
     token_sharded = mode in ("ep_all_gather", "ep_all_to_all", "tp_token_sharded")
     spec = PartitionSpec("x") if token_sharded else PartitionSpec()
     args = jax.device_put((x, ids, tw), NamedSharding(mesh, spec))
@@ -178,14 +178,11 @@ GRAPH_SCRIPT = textwrap.dedent("""
                           NamedSharding(mesh, P(None, "x")))
     one_w = jax.device_put((w13.prepare(), w2.prepare()), devices[0])
     kw = dict(routed_scaling_factor=2.5, implementation="cuda")
-    layers = {
-        "ep_all_gather": (jax.jit(lambda x, i, t, w: w4.moe_expert_parallel(x, i, t, *w, mesh=mesh, axis_name="x", **kw)),
-                          ep_w, P("x")),
-        "ep_all_to_all": (jax.jit(lambda x, i, t, w: w4.moe_expert_parallel(x, i, t, *w, mesh=mesh, axis_name="x",
-                                                                            dispatch="all_to_all", **kw)), ep_w, P("x")),
-        "tp": (jax.jit(lambda x, i, t, w: w4.moe_tensor_parallel(x, i, t, *w, mesh=mesh, axis_name="x", **kw)),
-               tp_w, P()),
-    }
+    ep = lambda **d: jax.jit(lambda x, i, t, w: w4.moe_expert_parallel(x, i, t, *w, mesh=mesh, axis_name="x", **d,
+                                                                       **kw))
+    tp = jax.jit(lambda x, i, t, w: w4.moe_tensor_parallel(x, i, t, *w, mesh=mesh, axis_name="x", **kw))
+    layers = {"ep_all_gather": (ep(), ep_w, P("x")), "ep_all_to_all": (ep(dispatch="all_to_all"), ep_w, P("x")),
+              "tp": (tp, tp_w, P())}
     one = jax.jit(lambda x, i, t, w: w4.moe(x, i, t, *w, **kw))
     for call in range(3):  # one executable per layer, new routing and token values every call
         ids = rng.integers(0, e, (m, 8)).astype(np.int32)

@@ -3,10 +3,10 @@ slices are the full weights' rows/columns, and the layer equals the one-device l
 the bound of its extra bf16 roundings for 2, 4 and 8 devices.
 
 Bound: parallel_checks.tensor_parallel_bound, per element, from the reference ops. The norm
-of that bound bounds the norm of the error; on top, rare fp8 code flips of h (XLA's CPU dot blocks the K sums differently for a narrower
-N, measured: ~3e-5 of c1 values flip one bf16 ulp at P = 8) get the 5e-3 relative norm
-allowance of test_expert_parallel.py, and 99% of the elements must meet the per-element
-bound. A wrong slice, row order or scale gives O(1) errors.
+of that bound bounds the norm of the error; on top, rare fp8 code flips of h (XLA's CPU dot
+blocks the K sums differently for a narrower N, measured: ~3e-5 of c1 values flip one bf16
+ulp at P = 8) get the 5e-3 relative norm allowance of test_expert_parallel.py, and 99% of
+the elements must meet the per-element bound. A wrong slice, row order or scale gives O(1) errors.
 """
 
 import jax
