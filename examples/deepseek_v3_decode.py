@@ -8,7 +8,7 @@
    static input scales calibrated on the bf16 model (amax / 448 of each expert's inputs).
 2. Loads it with `w4afp8_jax.load_moe_experts` (routed experts stacked [L, E, ...]).
 3. Runs a jitted decode step, `lax.scan` over the layer stack (x = x + moe(rmsnorm(x)) per layer,
-   DeepSeek-V3's router), for a number of steps, each step's output feeding the next, and prints
+   DeepSeek-V3's router; each layer's weights read in place through `W4Weights.layer(i)`), for a number of steps, each step's output feeding the next, and prints
    the time per step, tokens/s and the error of the layers' MoE output against the bf16 model on
    the same inputs.
 
@@ -104,14 +104,20 @@ def bf16_stack(x, gates, biases, w13s, w2s):
 
 
 def w4_stack(x, gates, biases, experts, implementation):
-    """The same stack with the W4AFP8 experts: returns (next x, per-layer MoE outputs [L, B, H])."""
+    """The same stack with the W4AFP8 experts: returns (next x, per-layer MoE outputs [L, B, H]).
+
+    The scan runs over layer indices and hands `moe` layer views of the stacked weights
+    (`W4Weights.layer(i)`): the kernels read layer i in place, where scanning over the weights
+    themselves would make XLA copy every layer's weights first."""
     def body(x, layer):
-        gate, bias, e = layer
-        topk_weights, topk_ids = route(rmsnorm(x), gate, bias)
-        y = moe(rmsnorm(x), topk_ids, topk_weights, e.w13, e.w2, a1_scale=e.a1_scale, a2_scale=e.a2_scale,
-                routed_scaling_factor=SHAPE.routed_scaling_factor, implementation=implementation)
+        i, gate, bias = layer
+        h = rmsnorm(x)
+        topk_weights, topk_ids = route(h, gate, bias)
+        y = moe(h, topk_ids, topk_weights, experts.w13.layer(i), experts.w2.layer(i), a1_scale=experts.a1_scale[i],
+                a2_scale=experts.a2_scale[i], routed_scaling_factor=SHAPE.routed_scaling_factor,
+                implementation=implementation)
         return (x.astype(jnp.float32) + y.astype(jnp.float32)).astype(jnp.bfloat16), y
-    x, ys = jax.lax.scan(body, x, (gates, biases, experts))
+    x, ys = jax.lax.scan(body, x, (jnp.arange(len(experts.layers)), gates, biases))
     return rmsnorm(x), ys  # the next step's input
 
 

@@ -85,6 +85,15 @@ def test_nnx_scan_over_stacked_layers_equals_a_loop(checkpoint, rng):
         return step(x, layers)
 
     got = run(stacked, x)
+
+    @nnx.jit
+    def run_in_place(layers, x):  # layer views: the stack is indexed, not sliced
+        def step(i, x):
+            return (x.astype(jnp.float32) + layers(x, layer=i).astype(jnp.float32)).astype(jnp.bfloat16)
+        return jax.lax.fori_loop(0, len(MOE_LAYERS), step, x)
+
+    np.testing.assert_array_equal(np.asarray(run_in_place(stacked, x).astype(jnp.float32)),
+                                  np.asarray(got.astype(jnp.float32)))
     want = x
     for layer in MOE_LAYERS:
         block = DeepseekV3MoE.from_checkpoint(path, layers=layer, progress=False, **ROUTER)

@@ -8,6 +8,11 @@
     def run(x, layer):                                           # one layer per step
         return x + layer(x)
 
+    # or, reading each layer's int4 weights in place (no per-layer copy; faster on the GPU):
+    @nnx.jit
+    def run(moe_layers, x):
+        return jax.lax.fori_loop(0, num_layers, lambda i, x: x + moe_layers(x, layer=i), x)
+
 The block holds the router (gate weight [E, H] and e_score_correction_bias [E], f32), the routed
 experts as W4Weights (int4, see `w4afp8_jax.moe`) with their static activation scales, and
 optionally a bf16 shared expert. It is inference only: the int4 weights are `W4Param`
@@ -74,23 +79,34 @@ class DeepseekV3MoE(nnx.Module):
         self.routed_scaling_factor = float(routed_scaling_factor)
         self.precision, self.implementation = precision, implementation
 
-    def __call__(self, x) -> jax.Array:
-        """x: float [M, H] -> bf16 [M, H]."""
-        logits = jnp.dot(jnp.asarray(x, jnp.float32), self.gate_weight[...].T, precision=jax.lax.Precision.HIGHEST)
-        topk_weights, topk_ids = deepseek_topk(logits, self.e_score_correction_bias[...], top_k=self.top_k,
+    def __call__(self, x, layer=None) -> jax.Array:
+        """x: float [M, H] -> bf16 [M, H].
+
+        layer: for a stacked block (variables [L, ...]), the layer to run, an int32 scalar (a
+        traced one is fine, e.g. a `lax.scan` or `fori_loop` counter): the kernels then read
+        that layer's int4 weights in place (`W4Weights.layer`), where `nnx.scan` over the
+        stacked block slices, and so copies, every layer's weights. None for a one-layer block
+        (or inside nnx.scan / nnx.vmap).
+        """
+        def param(v):
+            return None if v is None else (v[...] if layer is None else v[...][layer])
+
+        w13, w2 = self.w13.get_value(), self.w2.get_value()
+        if layer is not None:
+            w13, w2 = w13.layer(layer), w2.layer(layer)
+        logits = jnp.dot(jnp.asarray(x, jnp.float32), param(self.gate_weight).T, precision=jax.lax.Precision.HIGHEST)
+        topk_weights, topk_ids = deepseek_topk(logits, param(self.e_score_correction_bias), top_k=self.top_k,
                                                n_group=self.n_group, topk_group=self.topk_group)
-        out = moe(x, topk_ids, topk_weights, self.w13.get_value(), self.w2.get_value(),
-                  a1_scale=None if self.a1_scale is None else self.a1_scale[...],
-                  a2_scale=None if self.a2_scale is None else self.a2_scale[...],
+        out = moe(x, topk_ids, topk_weights, w13, w2, a1_scale=param(self.a1_scale), a2_scale=param(self.a2_scale),
                   routed_scaling_factor=self.routed_scaling_factor, precision=self.precision,
                   implementation=self.implementation)
         if self.shared_w13 is None:
             return out
         xb = jnp.asarray(x, jnp.bfloat16)
-        gate_up = jnp.dot(xb, self.shared_w13[...].T, preferred_element_type=jnp.float32)
+        gate_up = jnp.dot(xb, param(self.shared_w13).T, preferred_element_type=jnp.float32)
         inter = gate_up.shape[-1] // 2
         h = (jax.nn.silu(gate_up[:, :inter]) * gate_up[:, inter:]).astype(jnp.bfloat16)
-        shared = jnp.dot(h, self.shared_w2[...].T, preferred_element_type=jnp.float32)
+        shared = jnp.dot(h, param(self.shared_w2).T, preferred_element_type=jnp.float32)
         return (out.astype(jnp.float32) + shared).astype(jnp.bfloat16)
 
     @classmethod
