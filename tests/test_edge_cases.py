@@ -182,7 +182,8 @@ def test_silu_mul_quantize_non_finite_rule(rng, impl, jit):
     assert np.isnan(got[2, 5]) and np.isnan(got).sum() == 1  # the NaN stays where it was
     want_q = ref.to_fp8(h / np.float32(s))
     keep = ~np.isnan(h)
-    assert_fp8_close(fp8_bytes(q)[keep], fp8_bytes(want_q)[keep])
+    # float64 h against f32 h with the path's exp: a code can move by one near a midpoint (rare).
+    assert_fp8_close(fp8_bytes(q)[keep], fp8_bytes(want_q)[keep], max_flip_rate=3e-3)
 
 
 @pytest.mark.parametrize("impl", EVERY_IMPLEMENTATION)
@@ -299,8 +300,10 @@ def test_host_arrays_work_like_device_arrays(rng, impl, jit):
     x_np, tw_np = np.asarray(x), np.asarray(tw)                    # ml_dtypes bfloat16, float32
     ids_np = np.asarray(ids).astype(np.int64)
     ids_np[ids_np == -1] = 2**32 + 1                               # 64-bit: dropped, not expert 1
-    device = w4.moe(x, ids, tw, w13, w2, implementation=impl, a2_scale=0.01)
-    host = maybe_jit(lambda: w4.moe(x_np, ids_np, tw_np, w13, w2, implementation=impl, a2_scale=0.01), jit)()
+    # Static scales: eager and jitted GPU code may round XLA's dynamic-scale division differently.
+    device = w4.moe(x, ids, tw, w13, w2, implementation=impl, a1_scale=0.02, a2_scale=0.01)
+    host = maybe_jit(lambda: w4.moe(x_np, ids_np, tw_np, w13, w2, implementation=impl, a1_scale=0.02,
+                                    a2_scale=0.01), jit)()
     np.testing.assert_array_equal(as_f32(host), as_f32(device))
     # Every step with host arguments (closed over under jit) equals its device-array run.
     r = w4.route(ids, E, implementation=impl)
@@ -308,8 +311,8 @@ def test_host_arrays_work_like_device_arrays(rng, impl, jit):
     for a, b in zip(r, r_host):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     pos_np, off_np = np.asarray(r.positions), np.asarray(r.group_offsets)
-    q1, s1 = w4.gather_quantize(x, r.positions, implementation=impl)
-    q1_host, s1_host = maybe_jit(lambda: w4.gather_quantize(x_np, pos_np, implementation=impl), jit)()
+    q1, s1 = w4.gather_quantize(x, r.positions, 0.02, implementation=impl)
+    q1_host, s1_host = maybe_jit(lambda: w4.gather_quantize(x_np, pos_np, 0.02, implementation=impl), jit)()
     kept = int(off_np[-1])
     np.testing.assert_array_equal(fp8_bytes(q1_host)[:kept], fp8_bytes(q1)[:kept])
     assert float(s1_host) == float(s1)
