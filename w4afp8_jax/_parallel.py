@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from .fp8 import scale_from_amax
+from .fp8 import finite_amax, scale_from_amax
 from .ops.combine import combine_f32
 from .ops.gather_quantize import gather_quantize
 from .ops.grouped_gemm import grouped_gemm, is_exact
@@ -38,7 +38,7 @@ def check_precision(precision) -> None:
 def global_scale(values: jax.Array, axis_name: str) -> jax.Array:
     """The dynamic per-tensor scale of a tensor spread over the devices of `axis_name`: the max
     over devices of each device's amax (a device may hold no rows at all: amax 0)."""
-    return scale_from_amax(jax.lax.pmax(jnp.max(jnp.abs(values)), axis_name))
+    return scale_from_amax(jax.lax.pmax(finite_amax(values), axis_name))  # finite values only (docs/numerics.md)
 
 
 def partial_layer(x, topk_ids, topk_weights, w13, w2, *, num_experts: int, axis_name: str, a1_scale, a2_scale,
