@@ -23,7 +23,7 @@ export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 XLA_PYTHON_CLIENT_PREALLOCATE=false
 PHASES=${PHASES:-tests}
 LIMIT=${PHASE_LIMIT:-300}
 KEXPR=${1:-}
-SUMMARY=$AUX/summary.txt
+SUMMARY=$OUT/summary.txt  # written as the phases finish, so a run stopped early still returns it
 : >"$SUMMARY"
 note() { echo "$*" | tee -a "$SUMMARY"; }
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -120,7 +120,6 @@ if run_phase multi; then
     >"$AUX/bench_multi_gpu.log" 2>&1
   note "bench_multi_gpu (rc $?):"; note "$(tail -30 "$AUX/bench_multi_gpu.log")"
 fi
-cp "$SUMMARY" "$OUT/summary.txt"
 echo "================ summary"
 cat "$SUMMARY"
 exit "$status"
