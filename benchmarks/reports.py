@@ -204,7 +204,7 @@ def peer_notes(rows: list[dict], key: str = "peers") -> list[str]:
     grouped: dict[tuple[str, str], list[int]] = {}
     for r in rows:
         for peer, v in r.get(key, {}).items():
-            if v.get("note"):
+            if isinstance(v, dict) and v.get("note"):  # entries such as "seed prep matches" are flags
                 grouped.setdefault((peer, v["note"]), []).append(r["B"])
     return [f"{peer} at B={','.join(map(str, bs))}: {note}" for (peer, note), bs in grouped.items()]
 

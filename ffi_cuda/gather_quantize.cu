@@ -54,6 +54,10 @@ cudaError_t LaunchGatherQuantize(const __nv_bfloat16* x, const int32_t* position
   const bool vectorized = hidden % kQuantCols == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 &&
                           reinterpret_cast<uintptr_t>(out) % 16 == 0;
   const auto kernel = vectorized ? GatherQuantizeKernel<true> : GatherQuantizeKernel<false>;
+  // Rows no slot names (dropped slots leave holes at the end) are zero, as on the reference
+  // path, so no caller ever reads unwritten memory; the kernel then writes the named ones.
+  const cudaError_t status = cudaMemsetAsync(out, 0, num_rows * hidden, stream);
+  if (status != cudaSuccess) return status;
   kernel<<<launch.grid, launch.block, 0, stream>>>(x, positions, scale, out, num_tokens, static_cast<int>(top_k),
                                                    hidden, num_rows);
   return cudaGetLastError();

@@ -8,7 +8,8 @@ namespace {
 __device__ __forceinline__ float SiluMul(float g, float u) { return __fdiv_rn(g, 1.0f + expf(-g)) * u; }
 
 // One thread per (row, 16 output columns) over every row; rows at or past the kept count
-// (group_offsets[num_experts], read here on the device) return at once.
+// (group_offsets[num_experts], read here on the device) are written as zeros, as the reference
+// writes them (so no caller ever reads unwritten memory).
 template <bool kVectorized>
 __global__ void SiluMulQuantizeKernel(const __nv_bfloat16* __restrict__ c1, const int32_t* __restrict__ group_offsets,
                                       const float* __restrict__ scale_ptr, uint8_t* __restrict__ out,
@@ -17,11 +18,19 @@ __global__ void SiluMulQuantizeKernel(const __nv_bfloat16* __restrict__ c1, cons
   const int64_t col = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * kQuantCols;
   if (row >= num_rows || col >= inter) return;
   const int64_t kept = min(max(static_cast<int64_t>(group_offsets[num_experts]), int64_t{0}), num_rows);
-  if (row >= kept) return;
+  uint8_t* dst = out + row * inter + col;
+  if (row >= kept) {
+    const int width = static_cast<int>(min(static_cast<int64_t>(kQuantCols), inter - col));
+    if (kVectorized) {
+      *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
+    } else {
+      for (int i = 0; i < width; ++i) dst[i] = 0;
+    }
+    return;
+  }
   const float scale = *scale_ptr;
   const __nv_bfloat16* gate = c1 + row * 2 * inter + col;
   const __nv_bfloat16* up = gate + inter;
-  uint8_t* dst = out + row * inter + col;
   if constexpr (kVectorized) {
     const uint4* gate_vec = reinterpret_cast<const uint4*>(gate);
     const uint4* up_vec = reinterpret_cast<const uint4*>(up);

@@ -12,7 +12,7 @@ namespace w4afp8 {
 // [num_experts + 1] on the device, of which only group_offsets[num_experts] (the kept rows,
 // clamped to [0, num_rows]) is read, on the device; scale: f32 [1] on the device; out: fp8 e4m3
 // bytes [num_rows, inter]. Kept rows get saturate(silu(g) * u / scale) in f32 with
-// silu(g) = g / (1 + expf(-g)); the other rows are not written. The grid depends on the sizes only.
+// silu(g) = g / (1 + expf(-g)); the other rows are zero. The grid depends on the sizes only.
 cudaError_t LaunchSiluMulQuantize(const __nv_bfloat16* c1, const int32_t* group_offsets, const float* scale,
                                   uint8_t* out, int64_t num_rows, int64_t inter, int64_t num_experts,
                                   cudaStream_t stream);

@@ -45,8 +45,7 @@ def _silu_mul_quantize_cuda(c1, group_offsets, scale) -> jax.Array:
 
 def silu_mul_quantize(c1, group_offsets, scale=None, *, implementation: str = "auto") -> tuple[jax.Array, jax.Array]:
     """fp8 [R, I] = saturate(silu(c1[:, :I]) * c1[:, I:] / scale), f32 math, for the kept rows
-    (r < group_offsets[E]); returns (q, scale f32 []). Other rows are unspecified on the CUDA
-    path and zero on the reference path.
+    (r < group_offsets[E]); returns (q, scale f32 []). Other rows are zero on both paths.
 
     c1: bf16 [R, 2I] (GEMM1's output: gate columns, then up columns; R = 0 gives an empty
     result without a kernel launch). group_offsets: integer [E+1]; only its last entry is read,
