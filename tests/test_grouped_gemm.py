@@ -16,7 +16,7 @@ int4 x e4m3 products in f32 and scale group sums in f32; they differ only in f32
 (relative ~1e-6), so after the single bf16 rounding they agree exactly or by one bf16 ulp (a
 rounding flip), and the float64 model agrees within half a bf16 ulp plus that f32 noise.
 
-precision=DEFAULT (the wgmma kernel at >= 64 rows per expert) is not that math: Hopper's fp8
+precision=DEFAULT (the wgmma kernel at >= 32 rows per expert) is not that math: Hopper's fp8
 tensor cores align the 32 products of one instruction (and the running sum) to the largest with
 about 14 bits kept, so every product in a K slice is off by up to ~2^-13 of the slice's largest
 term. With ~0.1% activation outliers (100x) a slice holding one loses ~7 more bits for its
@@ -367,7 +367,7 @@ def test_default_precision(rng, e, n, k, counts, data):
 
 @pytest.mark.gpu
 def test_default_precision_leaves_decode_exact(rng):
-    """Far below 64 rows per expert (2 on average here) DEFAULT changes nothing: the exact
+    """Far below 32 rows per expert (2 on average here) DEFAULT changes nothing: the exact
     kernels run, bit for bit the HIGHEST result."""
     e, (n, k) = TP4.experts, TP4.gemm1()
     weights = w4_weights(rng, e, n, k, layout="tiled")

@@ -20,7 +20,7 @@ c1 values, none in q2; layer output 5.7e-6 relative), but one flipped c1 can mov
 of h (2^-3 relative), and each such code moves the output by up to ~2e-3 in norm at M = 1; 5e-3
 allows a couple and still fails on any wrong row, expert, scale or slot (those give O(1) errors).
 
-CUDA path at precision=DEFAULT (wgmma GEMMs at >= 64 rows per expert): each GEMM is off by a
+CUDA path at precision=DEFAULT (wgmma GEMMs at >= 32 rows per expert): each GEMM is off by a
 normwise ~1e-3 (<= 2e-3, tests/test_grouped_gemm.py). A c1 error dh of h moves an fp8 code of
 q2 with probability |dh| / spacing and then by one spacing (<= 2^-3 relative), so q2's normwise
 error is about sqrt(|dh| / |h| * 2^-3) ~ sqrt(2e-3 * 2^-3 / 3) ~ 1e-2 at worst, and c2 and the
