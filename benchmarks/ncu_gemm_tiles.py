@@ -16,7 +16,6 @@ match every kernel family's name; check it against the names in the CSV when a f
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
@@ -84,21 +83,16 @@ def report(args) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="step", required=True)
-    p = sub.add_parser("launch")
+    parser, p, r = timing.ncu_parser(__doc__)
     p.add_argument("--order", required=True, help="JSON listing the launches, for `report`")
     p.add_argument("--configs", type=lambda s: [c.strip() for c in s.split(",") if c.strip()], default=None,
                    help="comma-separated configuration names (default: all of grouped_gemm_configs())")
     p.add_argument("--batches", type=lambda s: [int(b) for b in s.split(",")], default=list(BATCHES))
     p.add_argument("--prng-seed", type=int, default=0)
-    p = sub.add_parser("report")
-    p.add_argument("--order", required=True)
-    p.add_argument("--csv", required=True, help="ncu --csv output")
-    p.add_argument("--bandwidth", type=float, default=4.2e12, help="measured copy bandwidth, bytes/s (H200: 4.2e12)")
-    p.add_argument("--fp8-rate", type=float, default=1.43e15, help="measured fp8 rate, flop/s (H200: 1.43e15)")
-    args = parser.parse_args()
-    launch(args) if args.step == "launch" else report(args)
+    r.add_argument("--order", required=True)
+    r.add_argument("--bandwidth", type=float, default=4.2e12, help="measured copy bandwidth, bytes/s (H200: 4.2e12)")
+    r.add_argument("--fp8-rate", type=float, default=1.43e15, help="measured fp8 rate, flop/s (H200: 1.43e15)")
+    timing.run_ncu_step(parser, launch, report)
 
 
 if __name__ == "__main__":

@@ -14,14 +14,12 @@ a model (bench_decode.py) minus this sum is what launches and the gaps between k
 
 from __future__ import annotations
 
-import argparse
 import os
 
 os.environ["W4AFP8_BENCH_TORCH"] = "0"  # before timing: no torch in a process ncu profiles
 
 import timing  # noqa: E402 - first: the JAX allocator flag and the import path
 import problems as P  # noqa: E402
-from ncu_prep import short_name  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -62,20 +60,14 @@ def report(args) -> None:
     measured = kernels[-per_call:]
     total = sum(t for _, t in measured)
     print(f"{per_call} kernels, {total:.1f} us in all (kernel time only)")
-    for name, t in measured:
-        print(f"    {short_name(name):60s} {t:9.1f} us")
+    timing.print_kernels(measured)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="step", required=True)
-    p = sub.add_parser("launch")
+    parser, p, _ = timing.ncu_parser(__doc__)
     p.add_argument("--tokens", type=int, default=1)
     p.add_argument("--prng-seed", type=int, default=0)
-    p = sub.add_parser("report")
-    p.add_argument("--csv", required=True, help="ncu --csv output")
-    args = parser.parse_args()
-    launch(args) if args.step == "launch" else report(args)
+    timing.run_ncu_step(parser, launch, report)
 
 
 if __name__ == "__main__":

@@ -21,10 +21,8 @@ Python thread. Memsets and copies are not kernels and are not counted.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import re
 
 os.environ["W4AFP8_BENCH_TORCH"] = "0"  # before timing: no torch in a process ncu profiles
 
@@ -75,20 +73,6 @@ def launch(args) -> None:
         json.dump(order, f)
 
 
-def short_name(kernel: str, width: int = 60) -> str:
-    """ncu's demangled kernel name without return type, namespaces and parameter list."""
-    name = kernel.removeprefix("void ").replace("(anonymous namespace)::", "").replace("<unnamed>::", "")
-    if name.endswith(")"):  # cut the parameter list: the parenthesized group that ends the name
-        depth = 0
-        for i in range(len(name) - 1, -1, -1):
-            depth += {")": 1, "(": -1}.get(name[i], 0)
-            if depth == 0:
-                name = name[:i]
-                break
-    name = re.sub(r"\w+::", "", name)
-    return name if len(name) <= width else name[:width - 3] + "..."
-
-
 def report(args) -> None:
     order = json.load(open(args.order))
     kernels = timing.ncu_kernel_times(args.csv)
@@ -102,14 +86,11 @@ def report(args) -> None:
         floor = o["bytes"] / args.bandwidth * 1e6
         print(f'M={o["M"]:5d}: {len(measured)} kernels, {total:9.1f} us; copy floor {floor:8.2f} us '
               f'({o["bytes"] / 1e6:.1f} MB); time / floor = {total / floor:.2f}')
-        for name, t in measured:
-            print(f"    {short_name(name):60s} {t:9.1f} us")
+        timing.print_kernels(measured)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="step", required=True)
-    p = sub.add_parser("launch")
+    parser, p, r = timing.ncu_parser(__doc__)
     p.add_argument("--order", required=True, help="JSON listing the measured calls, for `report`")
     p.add_argument("--tokens", type=lambda s: [int(m) for m in s.split(",")], default=list(PREP_M),
                    help="comma-separated token counts M (default: %s)" % ",".join(map(str, PREP_M)))
@@ -117,12 +98,9 @@ def main() -> None:
                    help="reference: the same steps without the CUDA module, to check the script off the GPU "
                         "(its output has no markers for `report`)")
     p.add_argument("--prng-seed", type=int, default=0)
-    p = sub.add_parser("report")
-    p.add_argument("--order", required=True)
-    p.add_argument("--csv", required=True, help="ncu --csv output")
-    p.add_argument("--bandwidth", type=float, default=4.2e12, help="measured copy bandwidth, bytes/s (H200: 4.2e12)")
-    args = parser.parse_args()
-    launch(args) if args.step == "launch" else report(args)
+    r.add_argument("--order", required=True)
+    r.add_argument("--bandwidth", type=float, default=4.2e12, help="measured copy bandwidth, bytes/s (H200: 4.2e12)")
+    timing.run_ncu_step(parser, launch, report)
 
 
 if __name__ == "__main__":

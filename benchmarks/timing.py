@@ -25,9 +25,11 @@ crashed (rc 139, no kernel profiled) in a process that had imported torch beside
 
 from __future__ import annotations
 
+import argparse
 import csv
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -275,3 +277,36 @@ def ncu_kernel_times(csv_path: str) -> list[tuple[str, float]]:
     rows.sort(key=lambda r: int(r["ID"]))
     return [(r["Kernel Name"], float(r["Metric Value"].replace(",", "")) * _NCU_MICROSECONDS_PER_UNIT[r["Metric Unit"]])
             for r in rows]
+
+
+def short_name(kernel: str, width: int = 60) -> str:
+    """ncu's demangled kernel name without return type, namespaces and parameter list."""
+    name = kernel.removeprefix("void ").replace("(anonymous namespace)::", "").replace("<unnamed>::", "")
+    if name.endswith(")"):  # cut the parameter list: the parenthesized group that ends the name
+        depth = 0
+        for i in range(len(name) - 1, -1, -1):
+            depth += {")": 1, "(": -1}.get(name[i], 0)
+            if depth == 0:
+                name = name[:i]
+                break
+    name = re.sub(r"\w+::", "", name)
+    return name if len(name) <= width else name[:width - 3] + "..."
+
+
+def print_kernels(kernels: list[tuple[str, float]]) -> None:
+    for name, t in kernels:
+        print(f"    {short_name(name):60s} {t:9.1f} us")
+
+
+def ncu_parser(doc: str):
+    """(parser, `launch` subparser, `report` subparser with --csv) of the two-step ncu scripts."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="step", required=True)
+    launch, report = sub.add_parser("launch"), sub.add_parser("report")
+    report.add_argument("--csv", required=True, help="ncu --csv output")
+    return parser, launch, report
+
+
+def run_ncu_step(parser, launch, report) -> None:
+    args = parser.parse_args()
+    launch(args) if args.step == "launch" else report(args)

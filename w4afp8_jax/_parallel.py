@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from . import _backend
+from ._validate import check_static_scale
 from .fp8 import finite_amax, scale_from_amax
 from .ops.combine import combine_f32
 from .ops.gather_quantize import gather_quantize
@@ -75,6 +77,20 @@ def sum_shares(partial: jax.Array, axis_name: str, *, token_sharded: bool) -> ja
     else:
         total = jax.lax.psum(partial, axis_name)
     return total.astype(jnp.bfloat16)
+
+
+def layer_settings(x, *, size: int, axis_name: str, token_sharded: bool, a1_scale, a2_scale, precision,
+                   routed_scaling_factor, implementation) -> dict:
+    """The checked keyword arguments of `partial_layer` that both multi-GPU layers take from
+    their callers (raises ValueError for uneven token splits and bad scales)."""
+    num_tokens = np.shape(x)[0]
+    if token_sharded and num_tokens % size:
+        raise ValueError(f"x: {num_tokens} tokens do not split evenly over the {size} devices of {axis_name!r} "
+                         "(token_sharded=True)")
+    check_precision(precision)
+    return dict(a1_scale=check_static_scale("a1_scale", a1_scale), a2_scale=check_static_scale("a2_scale", a2_scale),
+                routed_scaling_factor=float(routed_scaling_factor), precision=precision,
+                impl=_backend.resolve(implementation))
 
 
 def empty_output(x) -> jax.Array:

@@ -29,10 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
-from . import _backend
-from ._parallel import (axis_size, check_precision, empty_output, gather_tokens, global_scale, partial_layer,
-                        sum_shares)
-from ._validate import FP8_DTYPE, check_static_scale
+from ._parallel import axis_size, empty_output, gather_tokens, global_scale, layer_settings, partial_layer, sum_shares
+from ._validate import FP8_DTYPE
 from .fp8 import saturate_to_fp8
 from .moe import check_moe_args
 from .ops.combine import combine
@@ -127,21 +125,14 @@ def moe_expert_parallel(x, topk_ids, topk_weights, w13: W4Weights, w2: W4Weights
     if dispatch == "all_to_all" and not token_sharded:
         raise ValueError('dispatch="all_to_all" needs token_sharded=True (tokens replicated over the axis would be '
                          'sent P times); use dispatch="all_gather"')
-    num_tokens, num_experts = np.shape(x)[0], w13.num_experts
-    if token_sharded and num_tokens % num_shards:
-        raise ValueError(f"x: {num_tokens} tokens do not split evenly over {num_shards} shards of {axis_name!r} "
-                         "(token_sharded=True)")
+    layer = layer_settings(x, size=num_shards, axis_name=axis_name, token_sharded=token_sharded, a1_scale=a1_scale,
+                           a2_scale=a2_scale, precision=precision, routed_scaling_factor=routed_scaling_factor,
+                           implementation=implementation)
+    num_experts = w13.num_experts
     if num_experts % num_shards:
         raise ValueError(f"w13: {num_experts} experts do not split evenly over {num_shards} shards of {axis_name!r}")
-    a1_scale = check_static_scale("a1_scale", a1_scale)
-    a2_scale = check_static_scale("a2_scale", a2_scale)
-    check_precision(precision)
-    rsf = float(routed_scaling_factor)
-    impl = _backend.resolve(implementation)
-    if num_tokens == 0:
+    if np.shape(x)[0] == 0:
         return empty_output(x)
-
-    layer = dict(a1_scale=a1_scale, a2_scale=a2_scale, routed_scaling_factor=rsf, precision=precision, impl=impl)
     if dispatch == "all_gather":
         body = lambda *a: _all_gather_layer(*a, axis_name=axis_name, num_experts=num_experts,
                                             token_sharded=token_sharded, **layer)

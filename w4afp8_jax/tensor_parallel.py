@@ -21,9 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
-from . import _backend
-from ._parallel import (axis_size, check_precision, empty_output, gather_tokens, partial_layer, sum_shares)
-from ._validate import check_static_scale, require_rank
+from ._parallel import axis_size, empty_output, gather_tokens, layer_settings, partial_layer, sum_shares
+from ._validate import require_rank
 from .moe import check_moe_args
 from .weights import W4Weights
 
@@ -141,24 +140,16 @@ def moe_tensor_parallel(x, topk_ids, topk_weights, w13: W4Weights, w2: W4Weights
                                    jax.ShapeDtypeStruct((w.num_experts, n, w.scales.shape[-1]), w.scales.dtype),
                                    w.group_size, w.layout)
     check_moe_args(x, topk_ids, topk_weights, local(w13, w13.out_features // size), local(w2, hidden))
-    num_tokens = np.shape(x)[0]
-    if token_sharded and num_tokens % size:
-        raise ValueError(f"x: {num_tokens} tokens do not split evenly over {size} devices of {axis_name!r} "
-                         "(token_sharded=True)")
-    a1_scale = check_static_scale("a1_scale", a1_scale)
-    a2_scale = check_static_scale("a2_scale", a2_scale)
-    check_precision(precision)
-    rsf = float(routed_scaling_factor)
-    impl = _backend.resolve(implementation)
-    if num_tokens == 0:
+    layer = layer_settings(x, size=size, axis_name=axis_name, token_sharded=token_sharded, a1_scale=a1_scale,
+                           a2_scale=a2_scale, precision=precision, routed_scaling_factor=routed_scaling_factor,
+                           implementation=implementation)
+    if np.shape(x)[0] == 0:
         return empty_output(x)
 
     def body(x, ids, tw, w13, w2):
         if token_sharded:
             x, ids, tw = gather_tokens(x, ids, tw, axis_name)
-        partial = partial_layer(x, ids, tw, w13, w2, num_experts=w13.num_experts, axis_name=axis_name,
-                                a1_scale=a1_scale, a2_scale=a2_scale, routed_scaling_factor=rsf,
-                                precision=precision, impl=impl)
+        partial = partial_layer(x, ids, tw, w13, w2, num_experts=w13.num_experts, axis_name=axis_name, **layer)
         return sum_shares(partial, axis_name, token_sharded=token_sharded)
 
     tokens = PartitionSpec(axis_name) if token_sharded else PartitionSpec()
