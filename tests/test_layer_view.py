@@ -3,7 +3,8 @@
 The view must compute exactly what the sliced weight set computes: on the reference path
 (bitwise, it indexes the stack) and on the CUDA path (bitwise against the CUDA path on the
 sliced set: the same kernel reads the same bytes), inside a jitted lax.scan over layer
-indices as model code writes it, with out-of-range indices clamped on the CUDA path.
+indices as model code writes it; a concrete index outside [0, L) raises, a traced one is clamped
+the same way on both paths.
 """
 
 import jax
@@ -67,18 +68,23 @@ def test_layer_view_errors(rng):
         stack.layer(0).layer(0)
     with pytest.raises(ValueError, match="integer scalar"):
         stack.layer(jnp.zeros(2, jnp.int32))
+    for index in (-1, LAYERS):
+        with pytest.raises(ValueError, match=rf"index must be in \[0, {LAYERS}\)"):
+            stack.layer(index)
     q, offsets = problem(rng)
     with pytest.raises(ValueError, match=r"rhs.layer\(i\)"):
         w4.grouped_gemm(q, 0.02, stack, offsets, implementation="reference")
 
 
-@pytest.mark.gpu
-def test_layer_view_clamps_out_of_range_index(rng):
+@pytest.mark.parametrize("implementation", ["reference", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_layer_view_clamps_a_traced_index(rng, implementation):
+    """A traced index outside [0, L) is clamped, the same way on both paths (no wrapping)."""
     stack, per_layer = make_stack(rng)
     q, offsets = problem(rng)
-    for index, layer in ((-5, 0), (LAYERS + 7, LAYERS - 1)):
-        got = w4.grouped_gemm(q, 0.02, stack.layer(jnp.int32(index)), offsets, implementation="cuda")
-        want = w4.grouped_gemm(q, 0.02, per_layer[layer], offsets, implementation="cuda")
+    run = jax.jit(lambda s, i: w4.grouped_gemm(q, 0.02, s.layer(i), offsets, implementation=implementation))
+    for index, layer in ((-1, 0), (-5, 0), (LAYERS, LAYERS - 1), (LAYERS + 7, LAYERS - 1)):
+        got = run(stack, jnp.int32(index))
+        want = w4.grouped_gemm(q, 0.02, per_layer[layer], offsets, implementation=implementation)
         np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), np.asarray(want.astype(jnp.float32)))
 
 

@@ -126,7 +126,7 @@ def test_gather_quantize_matches_model(m, k, pattern, static, seed):
        k_gs=st.sampled_from([(128, 128), (256, 128), (128, 32), (64, 64)]), ordered=st.booleans(), seed=seeds)
 def test_grouped_gemm_matches_model(rows, e, n, k_gs, ordered, seed):
     """Any offsets (clipped into [0, R], running maximum). Bound, per element (as in
-    tests/test_gemm_reference.py): |got - S| <= 2^-8 (|S| + d) + d, d = (K + G + 2) 2^-24 A,
+    tests/test_grouped_gemm.py): |got - S| <= 2^-8 (|S| + d) + d, d = (K + G + 2) 2^-24 A,
     with S the float64 result and A the same sum over |terms|."""
     rng = np.random.default_rng(seed)
     k, gs = k_gs

@@ -9,6 +9,7 @@ registration checks that the two sets are equal.
 from __future__ import annotations
 
 import functools
+import os
 import pkgutil
 from typing import NamedTuple
 
@@ -97,6 +98,11 @@ def _gpu_present() -> bool:
 def cuda_unavailable_reason() -> str | None:
     """None when the CUDA path can run, else a sentence saying why not."""
     if _w4afp8_cuda is None:
+        package = os.path.dirname(os.path.abspath(__file__))
+        if os.path.isdir(os.path.join(package, os.pardir, "ffi_cuda")):  # a source checkout
+            return (f"w4afp8_jax is imported from the source tree ({package}), which holds no compiled module: "
+                    "run from another directory to import the installed package (plain `pytest`, not "
+                    "`python -m pytest`, in the checkout), or copy a build's _w4afp8_cuda*.so next to it")
         return (f"the compiled module w4afp8_jax._w4afp8_cuda is missing ({_IMPORT_ERROR}); "
                 "reinstall with nvcc on the PATH to build it")
     if not _gpu_present():

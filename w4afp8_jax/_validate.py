@@ -84,8 +84,8 @@ def check_static_scale(name: str, scale) -> jax.Array | None:
     value = np.asarray(scale)
     if value.size != 1:
         raise ValueError(f"{name} must be a scalar, got shape {value.shape}")
-    if not np.issubdtype(value.dtype, np.floating) and not np.issubdtype(value.dtype, np.integer):
-        raise TypeError(f"{name} must be a real number, got dtype {value.dtype}")
+    if not jnp.issubdtype(value.dtype, jnp.floating) and not jnp.issubdtype(value.dtype, jnp.integer):
+        raise TypeError(f"{name} must be a real number, got dtype {value.dtype}")  # (bf16 and f16 are)
     v = float(value.reshape(()))
     if not math.isfinite(v) or v <= 0.0:
         raise ValueError(f"{name} must be finite and positive, got {v}")

@@ -85,7 +85,9 @@ def untile_packed(packed: jax.Array) -> jax.Array:
 
 
 def _is_array_like(x) -> bool:
-    return hasattr(x, "shape") and hasattr(x, "dtype")
+    # Arrays, tracers and abstract shapes; not the placeholders pytree tools put in as leaves
+    # (e.g. flax's ArrayRepr when printing a module).
+    return isinstance(x, (np.ndarray, jax.Array, jax.ShapeDtypeStruct))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,14 +190,18 @@ class W4Weights:
         read in place: the stack is passed whole with the index (a traced scalar is fine, e.g.
         the counter of a `lax.scan` over layers), so no layer is ever copied. Slicing the stack
         instead (`jax.tree.map(lambda a: a[i], w)`, or scanning over the weights as xs) makes
-        XLA copy each layer's weights before the kernel reads them. Out-of-range indices are
-        clamped into [0, L) on the CUDA path (jnp indexing rules on the reference path)."""
+        XLA copy each layer's weights before the kernel reads them. A concrete index outside
+        [0, L) raises ValueError; a traced one is clamped into [0, L) on both paths (the CUDA
+        kernel clamps on the device; negative indices do not wrap)."""
         if self.index is not None or np.ndim(self.packed) != 4:
             raise ValueError(f"layer() needs a stack of weight sets [L, E, N, K//2], got packed "
                              f"{tuple(np.shape(self.packed))}" + (" already indexed" if self.index is not None else ""))
         index = jnp.asarray(index)
         if index.shape != () or not jnp.issubdtype(index.dtype, jnp.integer):
             raise ValueError(f"index must be an integer scalar, got {index.dtype}{list(index.shape)}")
+        layers = np.shape(self.packed)[0]
+        if not isinstance(index, jax.core.Tracer) and not 0 <= int(index) < layers:
+            raise ValueError(f"index must be in [0, {layers}) for a stack of {layers} layers, got {int(index)}")
         return W4Weights(self.packed, self.scales, self.group_size, self.layout, index.astype(jnp.int32))
 
     def require_one_set(self, name: str) -> None:
@@ -210,7 +216,8 @@ class W4Weights:
         """The weight set itself ([E, N, K//2] arrays): indexes the stack of a `layer()` view."""
         if self.index is None:
             return self
-        return W4Weights(jnp.asarray(self.packed)[self.index], jnp.asarray(self.scales)[self.index],
+        index = jnp.clip(self.index, 0, np.shape(self.packed)[0] - 1)  # the CUDA kernel's rule
+        return W4Weights(jnp.asarray(self.packed)[index], jnp.asarray(self.scales)[index],
                          self.group_size, self.layout)
 
     def prepare(self) -> "W4Weights":
