@@ -1,5 +1,6 @@
 """Every bad input is rejected before any computation, with an error naming the argument."""
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -347,3 +348,12 @@ def test_deepseek_topk_bad_inputs(rng):
                      (dict(top_k=True), "top_k"), (dict(top_k="4"), "top_k")):
         with pytest.raises(TypeError, match=name):
             call(**kw)
+
+
+def test_low_precision_float_scales_are_accepted_eagerly():
+    """bf16 (an ml_dtypes type) and f16 scales work eagerly as they do under jit."""
+    x = jnp.asarray(np.linspace(-1, 1, 16, dtype=np.float32))
+    for scale in (jnp.array(0.01, jnp.bfloat16), np.float16(0.01), jnp.array(0.01, jnp.float16)):
+        eager, _ = w4.quantize_fp8(x, scale)
+        jitted, _ = jax.jit(lambda x, s: w4.quantize_fp8(x, s))(x, scale)
+        np.testing.assert_array_equal(np.asarray(eager, np.float32), np.asarray(jitted, np.float32))
