@@ -77,6 +77,8 @@ def test_nnx_scan_over_stacked_layers_equals_a_loop(checkpoint, rng):
     stacked = DeepseekV3MoE.from_checkpoint(path, progress=False, **ROUTER)
     assert stacked.gate_weight[...].shape == (len(MOE_LAYERS), E, H)
     assert stacked.w13.get_value().packed.shape[0] == len(MOE_LAYERS)
+    with pytest.raises(ValueError, match="layer=i"):  # a stack called as if it were one layer
+        stacked(x)
 
     @nnx.jit
     def run(layers, x):

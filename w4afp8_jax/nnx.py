@@ -92,6 +92,9 @@ class DeepseekV3MoE(nnx.Module):
             return None if v is None else (v[...] if layer is None else v[...][layer])
 
         w13, w2 = self.w13.get_value(), self.w2.get_value()
+        if layer is None and np.ndim(w13.packed) == 4:
+            raise ValueError(f"layer: this DeepseekV3MoE holds a stack of {np.shape(w13.packed)[0]} layers; pass "
+                             "layer=i (or call it inside nnx.scan over the stack)")
         if layer is not None:
             w13, w2 = w13.layer(layer), w2.layer(layer)
         logits = jnp.dot(jnp.asarray(x, jnp.float32), param(self.gate_weight).T, precision=jax.lax.Precision.HIGHEST)
