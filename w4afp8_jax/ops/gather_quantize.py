@@ -47,8 +47,9 @@ def gather_quantize(x, positions, scale=None, *, implementation: str = "auto") -
     NaN stays NaN in its own token's rows).
 
     Positions outside [0, M*k) are dropped slots and write nothing. Rows that no slot maps to
-    (those at or past group_offsets[E] for `route`'s positions) are zero on both paths. If two slots name the same
-    row (never the case for `route`'s positions), that row holds one of them, unspecified which.
+    (those at or past group_offsets[E] for `route`'s positions) are zero on both paths. If two
+    slots name the same row (never the case for `route`'s positions), that row holds one of
+    them, unspecified which.
     Not differentiable (raises TypeError under jax.grad).
     """
     require_rank("x", x, 2)

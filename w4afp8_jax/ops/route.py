@@ -25,10 +25,12 @@ class Routing(NamedTuple):
     positions: jax.Array
 
 
-def clamp_ids(topk_ids: jax.Array, num_experts: int) -> jax.Array:
-    """int32 ids with every id outside [0, E) replaced by E (checked before any narrowing cast)."""
+def clamp_ids(topk_ids, num_experts: int):
+    """int32 ids with every id outside [0, E) replaced by E (checked before any narrowing cast;
+    a NumPy array stays on the host, so no 64-bit id can wrap when JAX narrows it)."""
+    xp = np if isinstance(topk_ids, np.ndarray) else jnp
     valid = (topk_ids >= 0) & (topk_ids < num_experts)
-    return jnp.where(valid, topk_ids, num_experts).astype(jnp.int32)
+    return xp.where(valid, topk_ids, num_experts).astype(xp.int32)
 
 
 def route_reference(topk_ids: jax.Array, num_experts: int) -> Routing:
@@ -81,10 +83,8 @@ def route(topk_ids, num_experts: int, *, implementation: str = "auto") -> Routin
     if m * k == 0:  # no kernel launch for an empty batch (shapes are static, so jit-safe)
         return empty_routing(m, k, num_experts)
     if not isinstance(topk_ids, jax.Array) and np.asarray(topk_ids).dtype.itemsize > 4:
-        # Without x64, JAX narrows 64-bit host ids to int32 (2**32 + 1 would become expert 1):
-        # mark the ids outside [0, E) as dropped on the host first.
-        ids = np.asarray(topk_ids)
-        topk_ids = np.where((ids >= 0) & (ids < num_experts), ids, num_experts).astype(np.int32)
+        # Without x64, JAX narrows 64-bit host ids to int32 (2**32 + 1 would become expert 1).
+        topk_ids = clamp_ids(np.asarray(topk_ids), num_experts)
     topk_ids = jnp.asarray(topk_ids)
     if impl == "cuda":
         return _route_cuda(topk_ids, num_experts)
