@@ -51,14 +51,16 @@ HP = jax.lax.Precision.HIGHEST
 
 
 def parse_args(on_gpu: bool):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--layers", type=int, default=8 if on_gpu else 2)
+    where = "the GPU" if on_gpu else "the CPU"
+    p = argparse.ArgumentParser(description=f"{__doc__.splitlines()[0].rstrip('.')} (defaults for {where})",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--layers", type=int, default=8 if on_gpu else 2, help="MoE layers in the checkpoint")
     p.add_argument("--experts", type=int, default=SHAPE.experts if on_gpu else 16,
                    help=f"a multiple of {SHAPE.n_group}, at least {2 * SHAPE.n_group}")
     p.add_argument("--batch", type=int, default=32 if on_gpu else 4, help="tokens decoded per step")
-    p.add_argument("--steps", type=int, default=20 if on_gpu else 3)
+    p.add_argument("--steps", type=int, default=20 if on_gpu else 3, help="timed decode steps")
     p.add_argument("--checkpoint-dir", help="write (and keep) the checkpoint here instead of a temporary directory")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic weights and inputs")
     args = p.parse_args()
     if args.experts < 2 * SHAPE.n_group or args.experts % SHAPE.n_group:
         p.error(f"--experts must be a multiple of {SHAPE.n_group} and at least {2 * SHAPE.n_group}")

@@ -2,11 +2,13 @@
 # GPU work on the device machine, in phases chosen to fit a lease. The files worth keeping go to
 # $OUT (at most a handful: the device tool returns 8); scratch goes to $AUX. A summary of every
 # phase is printed last.
-#   usage: PHASES="tests sanitize ab layer bench multi" bash scripts/device_check.sh [pytest -k expression]
+#   usage: PHASES="tests sanitize example profile ab layer bench multi" bash scripts/device_check.sh [pytest -k expression]
 #   tests     the GPU tests of the whole suite (pytest -m gpu), in parallel processes
-#   sanitize  compute-sanitizer memcheck over the GPU test files (small cases; the platform
-#             allocator, so out-of-bounds accesses are visible), racecheck/synccheck/initcheck
-#             over selected kernels
+#   sanitize  compute-sanitizer over GPU test files, SANITIZE_RUNS = "tool:test_file ..."
+#             (default: memcheck over every single-GPU test file, racecheck / synccheck over
+#             the kernels with shared memory, initcheck over the GEMM and the layer)
+#   example   examples/deepseek_v3_decode.py (EXAMPLE_ARGS)
+#   profile   Nsight Compute sections of the PROFILE_KERNELS kernels of one decode layer
 #   ab        kernel-only times (Nsight Compute) of this build and of the build in .ab/old
 #             (a package + module of an earlier commit, with its own benchmarks/)
 #   layer     the kernels of one decode layer (B = 1 and 20) with their kernel-only times
@@ -51,34 +53,48 @@ if run_phase tests; then
 fi
 
 if run_phase sanitize; then
-  # Under the sanitizers kernels run 10-100x slower: the largest cases are left out and the
-  # runs go in parallel, each within the phase's limit.
-  small="not 65536 and not uniform256 and not 4096 and not 300 and not 2048 and not random64 and not 8192"
-  export XLA_PYTHON_CLIENT_ALLOCATOR=platform
-  # (brace expansion does not happen inside a ${var:-default}: the default list is spelled out)
-  default_files="tests/test_route.py tests/test_gather_quantize.py tests/test_grouped_gemm.py
-    tests/test_silu_mul_quantize.py tests/test_combine.py tests/test_moe.py tests/test_deepseek_topk.py
-    tests/test_layer_view.py tests/test_edge_cases.py"
-  for f in ${SANITIZE_FILES:-$default_files}; do
-    [ -e "$f" ] || continue
-    name=$(basename "$f" .py)
-    selection=$small
-    [ "$name" = test_grouped_gemm ] && selection="(every_tile and tiled) or out_of_range or bad_input or same_jit"
-    timeout "$LIMIT" compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -m gpu \
-      -p no:cacheprovider "$f" -k "$selection" >"$AUX/memcheck_$name.log" 2>&1 &
-  done
-  for tool in racecheck synccheck initcheck; do
-    timeout "$LIMIT" compute-sanitizer --tool $tool --error-exitcode 9 python3 -m pytest -q -m gpu -p no:cacheprovider \
-      tests/test_grouped_gemm.py tests/test_deepseek_topk.py \
-      -k "(every_tile and tiled and (register_16x8_k4_s4 or stream_32x8_s6 or wgmma)) or (cuda_matches and 64-256)" \
-      >"$AUX/${tool}.log" 2>&1 &
+  # One process per (tool, test file), SANITIZE_JOBS at a time (a dozen at once crashed the
+  # sanitizer), each within PHASE_LIMIT. Only this library's kernels are instrumented (XLA's own
+  # run natively: they are not ours to check and made the runs too slow), on the platform
+  # allocator so an out-of-bounds access is not hidden inside a pooled block; no autotuning.
+  export XLA_PYTHON_CLIENT_ALLOCATOR=platform XLA_FLAGS="--xla_gpu_autotune_level=0"
+  filter=()
+  compute-sanitizer --help 2>&1 | grep -q -- '--kernel-name' && filter=(--kernel-name kns=w4afp8)
+  note "sanitizer: $(compute-sanitizer --version | tail -1), filter: ${filter[*]:-none}"
+  default_runs="memcheck:test_grouped_gemm memcheck:test_deepseek_topk memcheck:test_moe memcheck:test_layer_view
+    memcheck:test_route memcheck:test_gather_quantize memcheck:test_silu_mul_quantize memcheck:test_combine
+    memcheck:test_edge_cases memcheck:test_autodiff memcheck:test_ragged_dot memcheck:test_checkpoint
+    racecheck:test_grouped_gemm racecheck:test_deepseek_topk racecheck:test_route
+    synccheck:test_grouped_gemm synccheck:test_deepseek_topk synccheck:test_route
+    initcheck:test_grouped_gemm initcheck:test_moe"
+  for run in ${SANITIZE_RUNS:-$default_runs}; do
+    while [ "$(jobs -rp | wc -l)" -ge "${SANITIZE_JOBS:-2}" ]; do sleep 1; done
+    tool=${run%%:*} name=${run#*:}
+    timeout "$LIMIT" compute-sanitizer --tool "$tool" "${filter[@]}" --error-exitcode 9 python3 -m pytest -q -m gpu \
+      -p no:cacheprovider "tests/$name.py" ${SANITIZE_K:+-k "$SANITIZE_K"} >"$AUX/san_${tool}_$name.log" 2>&1 &
   done
   wait
-  unset XLA_PYTHON_CLIENT_ALLOCATOR
-  for f in "$AUX"/memcheck_*.log "$AUX"/racecheck.log "$AUX"/synccheck.log "$AUX"/initcheck.log; do
-    note "$(basename "$f" .log): $(grep -E 'SUMMARY' "$f" | tail -1) | $(grep -E '[0-9]+ (passed|failed|error)' "$f" | tail -1)"
+  unset XLA_PYTHON_CLIENT_ALLOCATOR XLA_FLAGS
+  for f in "$AUX"/san_*.log; do
+    note "$(basename "$f" .log): $(grep -E 'SUMMARY|hazards' "$f" | tail -1) | $(grep -E '[0-9]+ (passed|failed|error)' "$f" | tail -1)"
   done
-  cat "$AUX"/memcheck_*.log "$AUX"/racecheck.log "$AUX"/synccheck.log "$AUX"/initcheck.log >"$OUT/sanitizers.log"
+  cat "$AUX"/san_*.log >"$OUT/sanitizers.log"
+fi
+
+if run_phase example; then
+  timeout "$LIMIT" python3 examples/deepseek_v3_decode.py ${EXAMPLE_ARGS:-} >"$OUT/example.log" 2>&1
+  note "example (rc $?):"; note "$(tail -15 "$OUT/example.log")"
+fi
+
+if run_phase profile; then
+  # Nsight Compute sections (speed of light, occupancy, warp states) of the kernels matching
+  # PROFILE_KERNELS in one decode layer at B = 1.
+  timeout "$LIMIT" ncu --clock-control none --kernel-name "regex:${PROFILE_KERNELS:-DeepseekTopk}" --launch-skip 1 \
+    --launch-count "${PROFILE_COUNT:-1}" --section SpeedOfLight --section LaunchStats --section Occupancy \
+    --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
+    python3 benchmarks/ncu_layer.py launch --tokens "${PROFILE_TOKENS:-1}" >"$OUT/profile.txt" 2>&1
+  note "profile (rc $?): $(grep -cE 'Duration' "$OUT/profile.txt") kernels in profile.txt"
+  note "$(grep -E '^  [A-Za-z].*\(|Duration|Registers Per|Achieved Occupancy|Warp Cycles Per Issued|Issued Warp|No Eligible' "$OUT/profile.txt" | head -20)"
 fi
 
 if run_phase ab; then

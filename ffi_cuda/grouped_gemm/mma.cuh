@@ -7,26 +7,31 @@
 namespace w4afp8::gemm {
 
 // acc[mt][tt] is the MMA accumulator layout: lane (g, t) holds rows g, g + 8 of weight tile mt
-// and tokens 2t, 2t + 1 of token tile tt.
+// and tokens 2t, 2t + 1 of token tile tt. Each operand word is converted to f16 once per group
+// and feeds two m16n8k16 MMAs (the f16x2 pairs of operands.cuh, registers a0..a3 = row g and
+// row g + 8 of two pairs, b0, b1 = the same two pairs of token g).
 template <class Cfg>
 __device__ __forceinline__ void AccumulateGroup(const GroupFragments<Cfg>& f,
                                                 float (&acc)[Cfg::kMTiles][Cfg::kTTiles][4]) {
   float group_sum[Cfg::kMTiles][Cfg::kTTiles][4] = {};
 #pragma unroll
-  for (int step = 0; step < 4; ++step) {  // 4 MMAs of K = 32 cover the 128-wide group
-    uint32_t a[Cfg::kMTiles][4];
+  for (int word = 0; word < 4; ++word) {  // 8 of the lane's 32 K elements of the group per word
+    uint32_t a[Cfg::kMTiles][2][4];       // [tile][row g, g + 8][pair]
 #pragma unroll
     for (int mt = 0; mt < Cfg::kMTiles; ++mt) {
-      Int4ToE4m3(Word(f.weights[mt][0], step), a[mt][0], a[mt][2]);
-      Int4ToE4m3(Word(f.weights[mt][1], step), a[mt][1], a[mt][3]);
+      Int4ToF16Pairs(Word(f.weights[mt][0], word), a[mt][0]);
+      Int4ToF16Pairs(Word(f.weights[mt][1], word), a[mt][1]);
     }
 #pragma unroll
     for (int tt = 0; tt < Cfg::kTTiles; ++tt) {
-      const uint4& act = f.activations[tt][step / 2];
-      const uint32_t b0 = Word(act, 2 * (step % 2));
-      const uint32_t b1 = Word(act, 2 * (step % 2) + 1);
+      const uint4& act = f.activations[tt][word / 2];
+      uint32_t b[4];
+      E4m3ToF16Pairs(Word(act, 2 * (word % 2)), Word(act, 2 * (word % 2) + 1), b);
 #pragma unroll
-      for (int mt = 0; mt < Cfg::kMTiles; ++mt) MmaE4m3(group_sum[mt][tt], a[mt], b0, b1);
+      for (int mt = 0; mt < Cfg::kMTiles; ++mt) {
+        MmaF16(group_sum[mt][tt], a[mt][0][0], a[mt][1][0], a[mt][0][1], a[mt][1][1], b[0], b[1]);
+        MmaF16(group_sum[mt][tt], a[mt][0][2], a[mt][1][2], a[mt][0][3], a[mt][1][3], b[2], b[3]);
+      }
     }
   }
 #pragma unroll

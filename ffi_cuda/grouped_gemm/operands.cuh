@@ -32,6 +32,36 @@ __device__ __forceinline__ void Int4ToE4m3(uint32_t w, uint32_t& lo, uint32_t& h
   hi = (Permute(kNonNegLo, kNonNegHi, index_hi) & ~negative_hi) | (Permute(kNegLo, kNegHi, index_hi) & negative_hi);
 }
 
+// The exact families' operands for f16 MMAs. Within a lane's 8 consecutive K elements e0..e7
+// (one 32-bit word of int4, two of e4m3) the MMA pairs are (e0, e4), (e1, e5), (e2, e6),
+// (e3, e7): the pairs the nibble masks below extract without shifts, taken identically from
+// weights and activations, so the sum is unchanged.
+//
+// Eight signed int4 (nibble i = element i) -> pairs[j] = f16x2 (element j, element j + 4).
+// One LOP3 per pair, (w & mask) ^ magic: it places the nibble (or 16 x the nibble) in the
+// mantissa of f16 1024 and flips its sign bit, giving 1024 + value + 8 (1024 + 16 (value + 8)),
+// exact; one f16x2 subtract (or fma by 1/16) leaves the value, exact.
+__device__ __forceinline__ void Int4ToF16Pairs(uint32_t w, uint32_t (&pairs)[4]) {
+  constexpr uint32_t kLowNibbles = 0x000f000fu, kHighNibbles = 0x00f000f0u;
+  constexpr uint32_t kLowMagic = 0x64086408u, kHighMagic = 0x64806480u;  // f16 1024, nibble sign bits set
+  constexpr uint32_t kF16_1032 = 0x64086408u, kF16_1_16 = 0x2c002c00u, kF16_minus72 = 0xd480d480u;
+  const uint32_t shifted = w >> 8;
+  pairs[0] = SubF16x2(AndXor(w, kLowNibbles, kLowMagic), kF16_1032);
+  pairs[1] = FmaF16x2(AndXor(w, kHighNibbles, kHighMagic), kF16_1_16, kF16_minus72);
+  pairs[2] = SubF16x2(AndXor(shifted, kLowNibbles, kLowMagic), kF16_1032);
+  pairs[3] = FmaF16x2(AndXor(shifted, kHighNibbles, kHighMagic), kF16_1_16, kF16_minus72);
+}
+
+// Eight e4m3 (elements 0..3 in lo, 4..7 in hi, low byte first) -> the same f16x2 pairs.
+__device__ __forceinline__ void E4m3ToF16Pairs(uint32_t lo, uint32_t hi, uint32_t (&pairs)[4]) {
+  const uint32_t p01 = Permute(lo, hi, 0x5140u);  // bytes e0, e4, e1, e5
+  const uint32_t p23 = Permute(lo, hi, 0x7362u);  // bytes e2, e6, e3, e7
+  pairs[0] = E4m3x2ToF16x2(p01);
+  pairs[1] = E4m3x2ToF16x2(p01 >> 16);
+  pairs[2] = E4m3x2ToF16x2(p23);
+  pairs[3] = E4m3x2ToF16x2(p23 >> 16);
+}
+
 // A lane's 16 bytes of weight row (tile_row + g + 8 * half) for K group 0; group j is at
 // + j * WeightGroupStride.
 __device__ __forceinline__ const uint8_t* WeightLaneBase(const GroupedGemmArgs& args, int64_t expert,

@@ -1,5 +1,5 @@
 // PTX wrappers used by the grouped-GEMM kernel families: loads, async copies, byte permutes,
-// warp-level and warpgroup-level fp8 MMAs.
+// f16x2 arithmetic, warp-level f16 MMAs and warpgroup-level fp8 MMAs.
 #pragma once
 
 #include <cstdint>
@@ -21,6 +21,13 @@ __device__ __forceinline__ uint32_t Permute(uint32_t lo, uint32_t hi, uint32_t s
   return out;
 }
 
+// (a & b) ^ c in one LOP3 (the compiler splits the C form when b and c are both constants).
+__device__ __forceinline__ uint32_t AndXor(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t out;
+  asm("lop3.b32 %0, %1, %2, %3, 0x6a;" : "=r"(out) : "r"(a), "r"(b), "r"(c));
+  return out;
+}
+
 // cp.async of 16 (or 4) bytes; an invalid source is never read and the destination is zero-filled.
 __device__ __forceinline__ void CopyAsync16(void* dst, const void* src, bool valid) {
   const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
@@ -39,14 +46,36 @@ __device__ __forceinline__ void WaitAsync() {
   asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory");
 }
 
-// d += A[16 x 32] * B[32 x 8], e4m3 operands, f32 accumulators (warp-level). On sm_90 ptxas
-// emulates it with two f16 HMMA.16816 (docs/performance.md), which keeps the f32 sums exact.
-__device__ __forceinline__ void MmaE4m3(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+// d += A[16 x 16] * B[16 x 8], f16 operands, f32 accumulators (warp-level HMMA.16816). The exact
+// families use it rather than the fp8 mma.sync, which sm_90 emulates with the same HMMAs after
+// converting both operands again for every MMA (docs/performance.md): here each operand is
+// converted once. Products of int4 and e4m3 values are exact in f16 x f16 -> f32.
+__device__ __forceinline__ void MmaF16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                                       uint32_t b1) {
   asm volatile(
-      "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
       "{%0, %1, %2, %3};"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// Two e4m3 values (low byte = element 0) -> f16x2 (low half = element 0); exact.
+__device__ __forceinline__ uint32_t E4m3x2ToF16x2(uint32_t pair) {
+  uint32_t out;
+  asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(out) : "h"(static_cast<uint16_t>(pair)));
+  return out;
+}
+
+__device__ __forceinline__ uint32_t SubF16x2(uint32_t a, uint32_t b) {
+  uint32_t out;
+  asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(out) : "r"(a), "r"(b));
+  return out;
+}
+
+__device__ __forceinline__ uint32_t FmaF16x2(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t out;
+  asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(out) : "r"(a), "r"(b), "r"(c));
+  return out;
 }
 
 // Shared-memory matrix descriptor for wgmma: K-major rows of 128 bytes, 128-byte swizzle,

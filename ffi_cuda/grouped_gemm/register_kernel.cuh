@@ -1,4 +1,4 @@
-// The register family (exact): warp-level fp8 MMAs (mma.sync m16n8k32 e4m3) with the weights
+// The register family (exact): warp-level f16 MMAs (mma.sync m16n8k16, mma.cuh) with the weights
 // as the 16-row A operand and the tokens as the 8-column B operand, so decode (a few tokens
 // per expert) still fills whole MMAs along the weight rows.
 //

@@ -1,6 +1,6 @@
-// The wgmma family (inexact, precision=DEFAULT only) for prefill. On sm_90 the fp8 mma.sync of
-// the exact families is emulated with f16 HMMAs (docs/performance.md), so the fp8 tensor-core
-// rate is reachable only through wgmma. Each K group's int4 weights are converted once per
+// The wgmma family (inexact, precision=DEFAULT only) for prefill. The exact families run f16
+// mma.sync (sm_90 has no native fp8 mma.sync, docs/performance.md), so the fp8 tensor-core rate
+// is reachable only through wgmma. Each K group's int4 weights are converted once per
 // block into an fp8 tile in shared memory, and two warpgroups multiply 64 weight rows each by
 // the 128 tokens of the unit (wgmma m64n128k32, both operands K-major from shared memory in the
 // 128-byte swizzle). The conversion of the next group overlaps the asynchronous MMAs of the
