@@ -1,6 +1,7 @@
-// DeepSeek-V3 grouped top-k router, one warp per token. The arithmetic is the reference's
-// (w4afp8_jax/ops/deepseek_topk.py) operation for operation, so ids and weights agree bitwise
-// wherever XLA's exp and division agree with CUDA's:
+// DeepSeek-V3 grouped top-k router, one warp per token, every expert's key in registers (the
+// token's logits are loaded at once, groups are scored with shuffles, no shared-memory scans).
+// The arithmetic is the reference's (w4afp8_jax/ops/deepseek_topk.py) operation for operation,
+// so ids and weights agree bitwise wherever XLA's exp and division agree with CUDA's:
 //   score = 1 / (1 + expf(-x))  (IEEE division, accurate expf: no fast-math flags);
 //   biased = score + bias;
 //   group score = the sum of the group's two largest biased values;
@@ -43,133 +44,186 @@ __device__ __forceinline__ int OrderedKey(float v) {
 // Inverse of OrderedKey for non-NaN keys; kNanKey and kMaskedKey map to NaN bit patterns.
 __device__ __forceinline__ float KeyValue(int key) { return __int_as_float(key >= 0 ? key : key ^ 0x7fffffff); }
 
-// group_keys[g] = OrderedKey(sum of group g's two largest biased values). A group is scanned by a
-// power-of-two run of lanes (4 lanes per group at 8 groups), merged with xor shuffles.
-__device__ void ScoreGroups(const int* keys, int n_group, int per_group, int lane, int* group_keys) {
-  int groups_per_pass = 1;
-  while (groups_per_pass < n_group && groups_per_pass < 32) groups_per_pass *= 2;
-  const int lanes = 32 / groups_per_pass;
-  const int sub = lane % lanes;
-  for (int base = 0; base < n_group; base += groups_per_pass) {  // warp-uniform trip count
-    const int g = base + lane / lanes;
-    int first = kMaskedKey, second = kMaskedKey;
-    if (g < n_group) {
-      for (int e = g * per_group + sub; e < (g + 1) * per_group; e += lanes) {
-        const int k = keys[e];
-        if (k > first) {
-          second = first;
-          first = k;
-        } else if (k > second) {
-          second = k;
-        }
-      }
-    }
-    for (int offset = lanes / 2; offset > 0; offset /= 2) {
-      const int other_first = __shfl_xor_sync(kFullMask, first, offset);
-      const int other_second = __shfl_xor_sync(kFullMask, second, offset);
-      second = max(min(first, other_first), max(second, other_second));
-      first = max(first, other_first);
-    }
-    // per_group >= 2, so both are real entries: the values are the biased scores bitwise.
-    if (sub == 0 && g < n_group) group_keys[g] = OrderedKey(KeyValue(first) + KeyValue(second));
+// How a token's experts lie over its warp: each lane holds `slots` consecutive experts of its
+// groups, and a group is either a power-of-two run of lanes (merged with xor shuffles) or a
+// run of one lane's slots. With n_group <= 32, group g spans lanes [g L, (g + 1) L) (L the
+// largest power of two with n_group L <= 32) and slots = ceil(per_group / L); with more groups,
+// lane l holds the G = ceil(n_group / 32) groups from l G. Either way slots <= 64 (E <= 1024),
+// and lanes and slots run in expert order, so the lowest lane and slot win ties.
+struct WarpLayout {
+  int slots;            // experts per lane
+  int piece_slots;      // min(slots, per_group): a lane's slots per group piece
+  int lanes_per_group;  // L (1 when a lane holds whole groups)
+  int groups_per_lane;  // G (1 when lanes share a group)
+};
+
+WarpLayout ChooseLayout(int num_experts, int n_group) {
+  const int per_group = num_experts / n_group;
+  if (n_group > 32) {
+    const int groups = (n_group + 31) / 32;
+    return {groups * per_group, per_group, 1, groups};
   }
+  int lanes = 1;
+  while (2 * lanes * n_group <= 32) lanes *= 2;
+  const int slots = (per_group + lanes - 1) / lanes;
+  return {slots, slots, lanes, 1};
 }
 
-// The largest of this lane's keys (experts lane + 32 j), lowest expert on ties.
+// The largest of this lane's keys, lowest expert on ties: a tournament of depth log2(kSlots)
+// (the top-k rounds wait on it) whose left side always holds the lower slots, so ties go left.
 template <int kSlots>
-__device__ __forceinline__ void LocalBest(const int (&own)[kSlots], int lane, int& best_key, int& best_id) {
-  best_key = kMaskedKey;
-  best_id = kIntMax;
+__device__ __forceinline__ void LocalBest(const int (&key)[kSlots], const float (&score)[kSlots], int first_expert,
+                                          int& best_key, int& best_id, float& best_score) {
+  static_assert((kSlots & (kSlots - 1)) == 0, "a power of two");
+  int k[kSlots], slot[kSlots];
+  float s[kSlots];
 #pragma unroll
   for (int j = 0; j < kSlots; ++j) {
-    if (own[j] > best_key) {
-      best_key = own[j];
-      best_id = lane + 32 * j;
+    k[j] = key[j];
+    slot[j] = j;
+    s[j] = score[j];
+  }
+#pragma unroll
+  for (int width = 1; width < kSlots; width *= 2) {
+#pragma unroll
+    for (int left = 0; left < kSlots; left += 2 * width) {
+      const int right = left + width;  // slots [right, right + width) follow [left, right)
+      const bool take_right = k[right] > k[left];
+      k[left] = take_right ? k[right] : k[left];
+      slot[left] = take_right ? slot[right] : slot[left];
+      s[left] = take_right ? s[right] : s[left];
     }
   }
+  best_key = k[0];
+  best_id = k[0] == kMaskedKey ? kIntMax : first_expert + slot[0];
+  best_score = s[0];
 }
 
-// kSlots >= ceil(E / 32): each lane also keeps the keys of its experts lane + 32 j in registers
-// for the top-k rounds.
+// kSlots >= layout.slots: a lane's keys and scores stay in registers. Per warp, shared memory
+// holds the group keys and kept flags [n_group] and the chosen ids and scores [top_k].
 template <typename T, int kSlots>
 __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
     DeepseekTopkKernel(const T* __restrict__ logits, const float* __restrict__ bias, float* __restrict__ topk_weights,
                        int32_t* __restrict__ topk_ids, int64_t num_tokens, int num_experts, int n_group,
-                       int topk_group, int top_k, bool renormalize) {
+                       int topk_group, int top_k, bool renormalize, WarpLayout layout) {
   extern __shared__ int shared[];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t token = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + warp;
   if (token >= num_tokens) return;  // whole warps only
-  int* keys = shared + warp * (2 * num_experts + 2 * n_group + top_k);  // [E] selection keys
-  float* scores = reinterpret_cast<float*>(keys + num_experts);          // [E] unbiased scores
-  int* group_keys = keys + 2 * num_experts;                              // [n_group]
-  int* group_kept = group_keys + n_group;                                // [n_group]
-  int* chosen = group_kept + n_group;                                    // [top_k] ids in order
+  int* group_keys = shared + warp * (2 * n_group + 2 * top_k);  // [n_group]
+  int* group_kept = group_keys + n_group;                         // [n_group]
+  int* chosen = group_kept + n_group;                             // [top_k] ids in slot order
+  float* chosen_score = reinterpret_cast<float*>(chosen + top_k);  // [top_k]
   const int per_group = num_experts / n_group;
+  const int lane_in_group = lane % layout.lanes_per_group;
+  const int first_group = lane / layout.lanes_per_group * layout.groups_per_lane;
+  const int first_expert = first_group * per_group + lane_in_group * layout.slots;
+  const int count = max(0, min(min(layout.groups_per_lane * per_group - lane_in_group * layout.slots,
+                                   num_experts - first_expert),
+                               layout.slots));  // real experts of this lane
 
+  // Every load first (they are independent), then the arithmetic.
   const T* row = logits + token * num_experts;
-  int own[kSlots];  // keys of experts lane + 32 j; kMaskedKey past E
+  float logit[kSlots], bias_of[kSlots];
 #pragma unroll
   for (int j = 0; j < kSlots; ++j) {
-    const int e = lane + 32 * j;
-    own[j] = kMaskedKey;
-    if (e < num_experts) {
-      const float s = 1.0f / (1.0f + expf(-LoadLogit(row + e)));
-      scores[e] = s;
-      own[j] = keys[e] = OrderedKey(bias != nullptr ? s + bias[e] : s);
-    }
+    const int e = first_expert + j;
+    const bool real = j < count;
+    logit[j] = real ? LoadLogit(row + e) : 0.0f;
+    bias_of[j] = real && bias != nullptr ? bias[e] : 0.0f;
   }
-  __syncwarp();
+  int key[kSlots];  // kMaskedKey where there is no expert
+  float score[kSlots];
+#pragma unroll
+  for (int j = 0; j < kSlots; ++j) {
+    const bool real = j < count;
+    score[j] = 1.0f / (1.0f + expf(-logit[j]));
+    key[j] = real ? OrderedKey(bias != nullptr ? score[j] + bias_of[j] : score[j]) : kMaskedKey;
+  }
 
   if (topk_group < n_group) {  // otherwise every group is kept and group scores do not matter
-    ScoreGroups(keys, n_group, per_group, lane, group_keys);
+    // Group score = the sum of its two largest biased values: the top two of each group piece,
+    // merged over the group's lanes. The loop bounds and shuffles are warp-uniform.
+    // (Group indices advance per piece: no integer division per slot.)
+    int first = kMaskedKey, second = kMaskedKey, group = first_group, in_piece = 0;
+#pragma unroll
+    for (int j = 0; j < kSlots; ++j) {
+      if (j >= layout.slots) break;
+      if (key[j] > first) {
+        second = first;
+        first = key[j];
+      } else if (key[j] > second) {
+        second = key[j];
+      }
+      if (++in_piece < layout.piece_slots) continue;
+      for (int offset = layout.lanes_per_group / 2; offset > 0; offset /= 2) {
+        const int other_first = __shfl_xor_sync(kFullMask, first, offset);
+        const int other_second = __shfl_xor_sync(kFullMask, second, offset);
+        second = max(min(first, other_first), max(second, other_second));
+        first = max(first, other_first);
+      }
+      // per_group >= 2, so both are real entries: the values are the biased scores bitwise.
+      if (lane_in_group == 0 && group < n_group) {
+        group_keys[group] = OrderedKey(KeyValue(first) + KeyValue(second));
+      }
+      first = second = kMaskedKey;
+      in_piece = 0;
+      ++group;
+    }
     __syncwarp();
     // A group is kept when fewer than topk_group groups beat it (ties: lower group first).
     for (int g = lane; g < n_group; g += 32) {
-      const int key = group_keys[g];
+      const int own = group_keys[g];
       int rank = 0;
-      for (int h = 0; h < n_group; ++h) rank += group_keys[h] > key || (group_keys[h] == key && h < g);
+      for (int h = 0; h < n_group; ++h) rank += group_keys[h] > own || (group_keys[h] == own && h < g);
       group_kept[g] = rank < topk_group;
     }
     __syncwarp();
+    group = first_group;
+    in_piece = 0;
 #pragma unroll
     for (int j = 0; j < kSlots; ++j) {
-      const int e = lane + 32 * j;
-      if (e < num_experts && !group_kept[e / per_group]) own[j] = kMaskedKey;
+      if (key[j] != kMaskedKey && !group_kept[group]) key[j] = kMaskedKey;
+      if (++in_piece == layout.piece_slots) {
+        in_piece = 0;
+        ++group;
+      }
     }
   }
 
   // top_k rounds of a warp-wide argmax over the lanes' best keys. The kept groups hold >= top_k
   // candidates, all with keys above kMaskedKey, so every round's winner is a real, not yet
-  // chosen expert.
+  // chosen expert. Its score comes from its lane; the sum runs in slot order in every lane.
   int best_key, best_id;
-  LocalBest(own, lane, best_key, best_id);
+  float best_score;
+  LocalBest(key, score, first_expert, best_key, best_id, best_score);
+  float total = 0.0f;
   for (int r = 0; r < top_k; ++r) {
     const int win_key = __reduce_max_sync(kFullMask, best_key);
     const int win = __reduce_min_sync(kFullMask, best_key == win_key ? best_id : kIntMax);
-    if (lane == 0) chosen[r] = win;
-    if (win % 32 == lane) {
+    const int owner = __ffs(__ballot_sync(kFullMask, best_id == win)) - 1;
+    const float win_score = __shfl_sync(kFullMask, best_score, owner);
+    total = r == 0 ? win_score : total + win_score;
+    if (lane == 0) {
+      chosen[r] = win;
+      chosen_score[r] = win_score;
+    }
+    if (lane == owner) {
 #pragma unroll
       for (int j = 0; j < kSlots; ++j) {
-        if (lane + 32 * j == win) own[j] = kMaskedKey;
+        if (first_expert + j == win) key[j] = kMaskedKey;
       }
-      LocalBest(own, lane, best_key, best_id);
+      LocalBest(key, score, first_expert, best_key, best_id, best_score);
     }
   }
   __syncwarp();
 
-  // The same slot-order sum in every lane; a sum of 0 (every chosen score underflowed, logits
-  // below about -88) gives uniform weights instead of 0 / 0.
-  float total = 0.0f;
-  if (renormalize) {
-    total = scores[chosen[0]];
-    for (int r = 1; r < top_k; ++r) total += scores[chosen[r]];
-  }
+  // A sum of 0 (every chosen score underflowed, logits below about -88) gives uniform weights
+  // instead of 0 / 0.
   const float inverse = 1.0f / total;
   for (int r = lane; r < top_k; r += 32) {
-    const int id = chosen[r];
-    const float s = scores[id];
-    topk_ids[token * top_k + r] = id;
+    const float s = chosen_score[r];
+    topk_ids[token * top_k + r] = chosen[r];
     topk_weights[token * top_k + r] =
         !renormalize ? s : (total == 0.0f ? 1.0f / static_cast<float>(top_k) : s * inverse);
   }
@@ -181,38 +235,40 @@ cudaError_t LaunchDeepseekTopk(const void* logits, bool logits_bf16, const float
                                int32_t* topk_ids, int64_t num_tokens, int num_experts, int n_group, int topk_group,
                                int top_k, bool renormalize, cudaStream_t stream) {
   if (num_tokens == 0) return cudaSuccess;
-  const size_t warp_bytes = sizeof(int) * (2 * static_cast<size_t>(num_experts) + 2 * n_group + top_k);
+  const WarpLayout layout = ChooseLayout(num_experts, n_group);
+  const size_t warp_bytes = sizeof(int) * (2 * static_cast<size_t>(n_group) + 2 * top_k);
   const int warps = static_cast<int>(std::clamp<size_t>(kSharedBudget / warp_bytes, 1, kMaxWarpsPerBlock));
   const int64_t blocks = (num_tokens + warps - 1) / warps;
   if (blocks > kIntMax) return cudaErrorInvalidValue;
   const dim3 grid(static_cast<unsigned>(blocks)), block(32 * warps);
   const size_t shared_bytes = warps * warp_bytes;
-  const int slots = (num_experts + 31) / 32;
   const auto launch = [&](auto slots_tag) {
     constexpr int kSlots = decltype(slots_tag)::value;
     if (logits_bf16) {
       DeepseekTopkKernel<__nv_bfloat16, kSlots><<<grid, block, shared_bytes, stream>>>(
           static_cast<const __nv_bfloat16*>(logits), bias, topk_weights, topk_ids, num_tokens, num_experts, n_group,
-          topk_group, top_k, renormalize);
+          topk_group, top_k, renormalize, layout);
     } else {
       DeepseekTopkKernel<float, kSlots><<<grid, block, shared_bytes, stream>>>(
           static_cast<const float*>(logits), bias, topk_weights, topk_ids, num_tokens, num_experts, n_group,
-          topk_group, top_k, renormalize);
+          topk_group, top_k, renormalize, layout);
     }
   };
-  static_assert(kMaxExperts <= 32 * 32, "one warp holds at most 32 keys per lane");
-  if (slots <= 1) {
+  static_assert(kMaxExperts <= 1024, "ChooseLayout keeps slots <= 64 up to 1024 experts");
+  if (layout.slots <= 1) {
     launch(std::integral_constant<int, 1>());
-  } else if (slots <= 2) {
+  } else if (layout.slots <= 2) {
     launch(std::integral_constant<int, 2>());
-  } else if (slots <= 4) {
+  } else if (layout.slots <= 4) {
     launch(std::integral_constant<int, 4>());
-  } else if (slots <= 8) {
+  } else if (layout.slots <= 8) {
     launch(std::integral_constant<int, 8>());
-  } else if (slots <= 16) {
+  } else if (layout.slots <= 16) {
     launch(std::integral_constant<int, 16>());
-  } else {
+  } else if (layout.slots <= 32) {
     launch(std::integral_constant<int, 32>());
+  } else {
+    launch(std::integral_constant<int, 64>());
   }
   return cudaGetLastError();
 }

@@ -62,6 +62,9 @@ const std::vector<KernelEntry>& Table() {
       Stream<StreamConfig<2, 1, 6>>(),            // stream_32x8_s6: decode
       Stream<StreamConfig<1, 2, 6>>(),            // stream_16x16_s6
       Stream<StreamConfig<2, 2, 4>>(),            // stream_32x16_s4: decode, larger batches
+      Stream<StreamConfig<2, 1, 4>>(),            // stream_32x8_s4: 3 blocks per SM (shared memory)
+      Stream<StreamConfig<2, 1, 3>>(),            // stream_32x8_s3: 4 blocks per SM
+      Stream<StreamConfig<1, 1, 4>>(),            // stream_16x8_s4
       Wgmma(),                                    // wgmma_128x128_s4: prefill, precision=DEFAULT
   };
   return table;
