@@ -8,9 +8,10 @@
    static input scales calibrated on the bf16 model (amax / 448 of each expert's inputs).
 2. Loads it with `w4afp8_jax.load_moe_experts` (routed experts stacked [L, E, ...]).
 3. Runs a jitted decode step, `lax.scan` over the layer stack (x = x + moe(rmsnorm(x)) per layer,
-   DeepSeek-V3's router; each layer's weights read in place through `W4Weights.layer(i)`), for a number of steps, each step's output feeding the next, and prints
-   the time per step, tokens/s and the error of the layers' MoE output against the bf16 model on
-   the same inputs.
+   DeepSeek-V3's router; each layer's weights read in place through `W4Weights.layer(i)`), for a
+   number of steps, each step's output feeding the next, and prints the time per step, tokens/s,
+   the error of each layer's MoE output against the bf16 layer on the same input, and how far
+   the two stacks run apart from the same step input.
 
   python examples/deepseek_v3_decode.py [--layers 8] [--experts 256] [--batch 32] [--steps 20]
 
@@ -95,6 +96,12 @@ def bf16_layer(x, gate, bias, w13, w2):
 
 
 @jax.jit
+def bf16_layers_on(xs, gates, biases, w13s, w2s):
+    """Each bf16 layer on a given input: xs [L, B, H] -> MoE outputs [L, B, H] f32."""
+    return jax.lax.map(lambda layer: bf16_layer(*layer)[0], (xs, gates, biases, w13s, w2s))
+
+
+@jax.jit
 def bf16_stack(x, gates, biases, w13s, w2s):
     """L layers x = x + moe(rmsnorm(x)) with the bf16 weights; returns (per-layer MoE outputs
     [L, B, H] f32, amax stats [L, E] x 2)."""
@@ -106,7 +113,8 @@ def bf16_stack(x, gates, biases, w13s, w2s):
 
 
 def w4_stack(x, gates, biases, experts, implementation):
-    """The same stack with the W4AFP8 experts: returns (next x, per-layer MoE outputs [L, B, H]).
+    """The same stack with the W4AFP8 experts: returns (next x, per-layer inputs and MoE outputs,
+    both [L, B, H]).
 
     The scan runs over layer indices and hands `moe` layer views of the stacked weights
     (`W4Weights.layer(i)`): the kernels read layer i in place, where scanning over the weights
@@ -118,9 +126,9 @@ def w4_stack(x, gates, biases, experts, implementation):
         y = moe(h, topk_ids, topk_weights, experts.w13.layer(i), experts.w2.layer(i), a1_scale=experts.a1_scale[i],
                 a2_scale=experts.a2_scale[i], routed_scaling_factor=SHAPE.routed_scaling_factor,
                 implementation=implementation)
-        return (x.astype(jnp.float32) + y.astype(jnp.float32)).astype(jnp.bfloat16), y
-    x, ys = jax.lax.scan(body, x, (jnp.arange(len(experts.layers)), gates, biases))
-    return rmsnorm(x), ys  # the next step's input
+        return (x.astype(jnp.float32) + y.astype(jnp.float32)).astype(jnp.bfloat16), (x, y)
+    x, (xs, ys) = jax.lax.scan(body, x, (jnp.arange(len(experts.layers)), gates, biases))
+    return rmsnorm(x), xs, ys  # the next step's input first
 
 
 @functools.partial(jax.jit, donate_argnums=0)
@@ -242,23 +250,26 @@ def main() -> None:
     times, errors = [], []
     for _ in range(args.steps):
         t0 = time.perf_counter()
-        x_next, ys = jax.block_until_ready(step(x, gates, biases, experts))
+        x_next, xs, ys = jax.block_until_ready(step(x, gates, biases, experts))
         times.append(time.perf_counter() - t0)
-        # Error of each layer's MoE output against the bf16 model, on the same step input
-        # (after layer 0 the layers' inputs differ a little, routing may flip a few experts).
-        want = np.asarray(bf16_stack(x, *bf16_args)[0], np.float64)
+        # Each layer's MoE output against the bf16 layer on the same input (the W4AFP8 stack's
+        # input to that layer), and the two stacks run apart from the same step input: their
+        # layer inputs drift and routing flips compound, so the last figure grows with L.
         got = np.asarray(ys.astype(jnp.float32), np.float64)
-        errors.append([np.linalg.norm(got[0] - want[0]) / np.linalg.norm(want[0]),
-                       np.linalg.norm(got - want) / np.linalg.norm(want)])
+        same_input = np.asarray(bf16_layers_on(xs, *bf16_args), np.float64)
+        apart = np.asarray(bf16_stack(x, *bf16_args)[0], np.float64)
+        per_layer = [np.linalg.norm(g - w) / np.linalg.norm(w) for g, w in zip(got, same_input)]
+        errors.append([np.mean(per_layer), np.max(per_layer), np.linalg.norm(got[-1] - apart[-1]) / np.linalg.norm(apart[-1])])
         x = x_next
     per_step = float(np.median(times))
     print(f"decode step ({args.layers} layers, router included; median of {args.steps}, wall clock): "
           f"{per_step * 1e3:.3f} ms, {per_step / args.layers * 1e3:.3f} ms per layer, "
           f"{args.batch / per_step:.1f} tokens/s")
     errors = np.asarray(errors)
-    print(f"relative error against the bf16 model (int4 weights, fp8 activations, bf16 output; mean over "
-          f"{args.steps} steps): first layer {errors[:, 0].mean():.4f} (same input and routing), all layers' MoE "
-          f"outputs {errors[:, 1].mean():.4f} (max {errors[:, 1].max():.4f})")
+    print(f"relative error of each layer's MoE output against the bf16 layer on the same input (int4 weights, "
+          f"fp8 activations, bf16 output; {args.steps} steps): mean {errors[:, 0].mean():.4f}, worst layer "
+          f"{errors[:, 1].max():.4f}; the two stacks run apart from the same input: last layer "
+          f"{errors[:, 2].mean():.4f} (grows with L: routing flips compound in random weights)")
 
 
 if __name__ == "__main__":

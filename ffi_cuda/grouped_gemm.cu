@@ -62,9 +62,6 @@ const std::vector<KernelEntry>& Table() {
       Stream<StreamConfig<2, 1, 6>>(),            // stream_32x8_s6: decode
       Stream<StreamConfig<1, 2, 6>>(),            // stream_16x16_s6
       Stream<StreamConfig<2, 2, 4>>(),            // stream_32x16_s4: decode, larger batches
-      Stream<StreamConfig<2, 1, 4>>(),            // stream_32x8_s4: 3 blocks per SM (shared memory)
-      Stream<StreamConfig<2, 1, 3>>(),            // stream_32x8_s3: 4 blocks per SM
-      Stream<StreamConfig<1, 1, 4>>(),            // stream_16x8_s4
       Wgmma(),                                    // wgmma_128x128_s4: prefill, precision=DEFAULT
   };
   return table;
@@ -116,7 +113,8 @@ cudaError_t LaunchGroupedGemm(const GroupedGemmArgs& args, int config, cudaStrea
   int device = 0, sms = 0, blocks_per_sm = 0;
   cudaError_t status = cudaGetDevice(&device);
   if (status == cudaSuccess) status = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (status == cudaSuccess && entry.smem_bytes > 48 * 1024) {
+  // Always set: the 48 KB default limit counts static shared memory (the tile table) too.
+  if (status == cudaSuccess && entry.smem_bytes > 0) {
     status = cudaFuncSetAttribute(entry.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, entry.smem_bytes);
   }
   if (status == cudaSuccess) {

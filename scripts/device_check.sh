@@ -59,6 +59,7 @@ if run_phase sanitize; then
   # allocator so an out-of-bounds access is not hidden inside a pooled block; no autotuning.
   export XLA_PYTHON_CLIENT_ALLOCATOR=platform XLA_FLAGS="--xla_gpu_autotune_level=0"
   filter=(--kernel-name kns=w4afp8)  # our kernels' names all contain the namespace
+  rm -f "$AUX"/san_*.log  # a warm machine keeps $AUX
   note "sanitizer: $(compute-sanitizer --version | tail -1), filter: ${filter[*]}"
   default_runs="memcheck:test_grouped_gemm memcheck:test_deepseek_topk memcheck:test_moe memcheck:test_layer_view
     memcheck:test_route memcheck:test_gather_quantize memcheck:test_silu_mul_quantize memcheck:test_combine
@@ -69,13 +70,13 @@ if run_phase sanitize; then
   for run in ${SANITIZE_RUNS:-$default_runs}; do
     while [ "$(jobs -rp | wc -l)" -ge "${SANITIZE_JOBS:-2}" ]; do sleep 1; done
     tool=${run%%:*} name=${run#*:}
-    timeout "$LIMIT" compute-sanitizer --tool "$tool" "${filter[@]}" --error-exitcode 9 python3 -m pytest -q -m gpu \
-      -p no:cacheprovider "tests/$name.py" ${SANITIZE_K:+-k "$SANITIZE_K"} >"$AUX/san_${tool}_$name.log" 2>&1 &
+    timeout -k 5 "$LIMIT" compute-sanitizer --tool "$tool" "${filter[@]}" --error-exitcode 9 python3 -m pytest -q -m gpu \
+      -p no:cacheprovider -rf "tests/$name.py" ${SANITIZE_K:+-k "$SANITIZE_K"} >"$AUX/san_${tool}_$name.log" 2>&1 &
   done
   wait
   unset XLA_PYTHON_CLIENT_ALLOCATOR XLA_FLAGS
   for f in "$AUX"/san_*.log; do
-    note "$(basename "$f" .log): $(grep -E 'SUMMARY|hazards' "$f" | tail -1) | $(grep -E '[0-9]+ (passed|failed|error)' "$f" | tail -1)"
+    note "$(basename "$f" .log): $(grep -E 'SUMMARY|hazards' "$f" | tail -1) | $(grep -E '[0-9]+ (passed|failed|error)' "$f" | tail -1) $(grep -E '^FAILED' "$f" | head -3)"
   done
   cat "$AUX"/san_*.log >"$OUT/sanitizers.log"
 fi
