@@ -14,10 +14,11 @@
    the two stacks run apart from the same step input.
 
   python examples/deepseek_v3_decode.py [--layers 8] [--experts 256] [--batch 32] [--steps 20]
+                                        [--implementation auto|cuda|reference]
 
 Defaults: on a GPU with the CUDA module, L = 8 layers of 256 experts (~11 GB of int4 on disk,
 ~45 GB of bf16 reference weights on the device); otherwise the reference path with L = 2 layers
-of 16 experts and batch 4, about a minute on 2 CPU cores.
+of 16 experts and batch 4, one to two minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -51,10 +52,28 @@ FIRST_MOE_LAYER = 3  # DeepSeek-V3's first_k_dense_replace
 HP = jax.lax.Precision.HIGHEST
 
 
+IMPLEMENTATIONS = ("auto", "cuda", "reference")
+
+
+def resolve_implementation() -> str:
+    """--implementation, read before the other options since their defaults depend on it."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--implementation", choices=IMPLEMENTATIONS, default="auto")
+    requested = pre.parse_known_args()[0].implementation
+    reason = w4afp8_jax.cuda_unavailable_reason()
+    if requested == "cuda" and reason is not None:
+        sys.exit(f'implementation "cuda" is not available: {reason}')
+    if requested == "auto":
+        return "reference" if reason is not None else "cuda"
+    return requested
+
+
 def parse_args(on_gpu: bool):
-    where = "the GPU" if on_gpu else "the CPU"
+    where = "the CUDA path" if on_gpu else "the reference path"
     p = argparse.ArgumentParser(description=f"{__doc__.splitlines()[0].rstrip('.')} (defaults for {where})",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--implementation", choices=IMPLEMENTATIONS, default="auto",
+                   help="auto: the CUDA path when a GPU and the CUDA module are there")
     p.add_argument("--layers", type=int, default=8 if on_gpu else 2, help="MoE layers in the checkpoint")
     p.add_argument("--experts", type=int, default=SHAPE.experts if on_gpu else 16,
                    help=f"a multiple of {SHAPE.n_group}, at least {2 * SHAPE.n_group}")
@@ -208,7 +227,7 @@ def write_checkpoint(path: Path, weights, amax_in, amax_act) -> int:
 
 
 def main() -> None:
-    impl = "reference" if w4afp8_jax.cuda_unavailable_reason() is not None else "cuda"
+    impl = resolve_implementation()
     on_gpu = impl == "cuda"
     args = parse_args(on_gpu)
     print(f"{args.layers} MoE layers of {SHAPE.name} shapes (E={args.experts}, H={SHAPE.hidden}, "
@@ -227,7 +246,8 @@ def main() -> None:
         path = Path(args.checkpoint_dir or tmp)
         path.mkdir(parents=True, exist_ok=True)
         size = write_checkpoint(path, weights, amax_in, amax_act)
-        print(f"wrote {size / 1e9:.2f} GB W4AFP8 checkpoint to {path} in {time.perf_counter() - t0:.1f} s "
+        kept = "" if args.checkpoint_dir else " (a temporary directory, deleted at exit; --checkpoint-dir keeps it)"
+        print(f"wrote {size / 1e9:.2f} GB W4AFP8 checkpoint to {path}{kept} in {time.perf_counter() - t0:.1f} s "
               "(weights made, calibrated, quantized)")
 
         t0 = time.perf_counter()
@@ -259,17 +279,20 @@ def main() -> None:
         same_input = np.asarray(bf16_layers_on(xs, *bf16_args), np.float64)
         apart = np.asarray(bf16_stack(x, *bf16_args)[0], np.float64)
         per_layer = [np.linalg.norm(g - w) / np.linalg.norm(w) for g, w in zip(got, same_input)]
-        errors.append([np.mean(per_layer), np.max(per_layer), np.linalg.norm(got[-1] - apart[-1]) / np.linalg.norm(apart[-1])])
+        drift = np.linalg.norm(got[-1] - apart[-1]) / np.linalg.norm(apart[-1])
+        errors.append([np.mean(per_layer), np.max(per_layer), drift])
         x = x_next
     per_step = float(np.median(times))
     print(f"decode step ({args.layers} layers, router included; median of {args.steps}, wall clock): "
           f"{per_step * 1e3:.3f} ms, {per_step / args.layers * 1e3:.3f} ms per layer, "
           f"{args.batch / per_step:.1f} tokens/s")
     errors = np.asarray(errors)
-    print(f"relative error of each layer's MoE output against the bf16 layer on the same input (int4 weights, "
-          f"fp8 activations, bf16 output; {args.steps} steps): mean {errors[:, 0].mean():.4f}, worst layer "
-          f"{errors[:, 1].max():.4f}; the two stacks run apart from the same input: last layer "
-          f"{errors[:, 2].mean():.4f} (grows with L: routing flips compound in random weights)")
+    steps = f"{args.steps} step{'s' if args.steps != 1 else ''}"
+    print(f"relative error |out - ref| / |ref| of each layer's MoE output against the bf16 layer given the same "
+          f"input (int4 weights, fp8 activations, bf16 output; over {steps}): mean {errors[:, 0].mean():.4f}, "
+          f"worst layer {errors[:, 1].max():.4f}")
+    print(f"the two stacks started from the same step input drift apart (inputs differ after layer 1, routing "
+          f"flips compound; random weights): last layer's MoE outputs differ by {errors[:, 2].mean():.4f}")
 
 
 if __name__ == "__main__":

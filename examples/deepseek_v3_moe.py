@@ -12,7 +12,7 @@ the pure-JAX reference path when it ran on the GPU, and its time.
                                      [--precision default|highest]
 
 Without a GPU (or without the compiled CUDA module) it runs the reference path; at the
-default batch of 4 that takes about a minute on 2 CPU cores, most of it making the weights.
+default batch of 4 that takes one to two minutes on 2 CPU cores, most of it making the weights.
 """
 
 from __future__ import annotations

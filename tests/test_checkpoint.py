@@ -19,7 +19,7 @@ EXPERT = "model.layers.{}.mlp.experts.{}.{}"
 
 
 def write_checkpoint(path, rng, *, layers=MOE_LAYERS, experts=E, hidden=H, inter=INTER, act_scales=True,
-                     up_first=False, shared_inter=None):
+                     up_first=False, shared_inter=None, router_bias=True):
     """A tiny DeepSeek-V3-style W4AFP8 checkpoint: a dense layer 0 (FP8 with block scales), routed
     experts in layers `layers` spread over two shards (layer by layer), act_scales.safetensors,
     the index and hf_quant_config.json; with shared_inter, an FP8 block-scaled shared expert of
@@ -33,7 +33,8 @@ def write_checkpoint(path, rng, *, layers=MOE_LAYERS, experts=E, hidden=H, inter
     for i, layer in enumerate(layers):
         shard = shards[i % 2]
         shard[f"model.layers.{layer}.mlp.gate.weight"] = rng.standard_normal((experts, hidden)).astype(ml_dtypes.bfloat16)
-        shard[f"model.layers.{layer}.mlp.gate.e_score_correction_bias"] = rng.random(experts, dtype=np.float32)
+        if router_bias:
+            shard[f"model.layers.{layer}.mlp.gate.e_score_correction_bias"] = rng.random(experts, dtype=np.float32)
         for proj, n, k in (("gate", shared_inter, hidden), ("up", shared_inter, hidden), ("down", hidden, shared_inter)):
             if shared_inter:
                 name = f"model.layers.{layer}.mlp.shared_experts.{proj}_proj.weight"

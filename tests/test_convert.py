@@ -171,3 +171,16 @@ def test_convert_errors(rng, tmp_path):
     with pytest.raises(TypeError, match=r"experts\.0\.(gate|up|down)_proj\.weight: already int8"):
         convert(tmp_path / "dst", tmp_path / "again", progress=False)
     assert not (tmp_path / "again").exists()  # checked before writing
+
+
+def test_cli_user_errors_are_one_line(rng, tmp_path, capsys):
+    """The command line turns the checks' errors into `prog: error: ...` and exit status 1."""
+    write_source(tmp_path / "src", rng)
+    (tmp_path / "dst").mkdir()
+    (tmp_path / "dst" / "file").write_text("x")
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "src"), str(tmp_path / "dst"), "--no-progress"])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("python -m w4afp8_jax.convert: error: dst: ") and "exists and is not empty" in err
+    assert "Traceback" not in err

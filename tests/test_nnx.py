@@ -126,3 +126,21 @@ def test_sharded_experts(checkpoint, rng):
     # The partitioner may reorder f32 sums: a bf16 output may move by an ulp (2^-8 relative).
     np.testing.assert_allclose(np.asarray(got.astype(jnp.float32)), np.asarray(want.astype(jnp.float32)), rtol=2**-7,
                                atol=0)
+
+
+def test_defaults_taken_from_nowhere_warn(tmp_path, rng):
+    """A checkpoint without router bias, shared expert or router settings in config.json loads,
+    but says which defaults it used."""
+    write_checkpoint(tmp_path, rng, router_bias=False)
+    with pytest.warns(UserWarning) as record:
+        block = DeepseekV3MoE.from_checkpoint(tmp_path, layers=2, progress=False, implementation="reference")
+    messages = " | ".join(str(w.message) for w in record)
+    for expected in ("no num_experts_per_tok; using DeepSeek-V3's 8",
+                     "no routed_scaling_factor; using DeepSeek-V3's 2.5", "the router bias is zero",
+                     "no shared expert"):
+        assert expected in messages
+    assert not np.any(np.asarray(block.e_score_correction_bias[...]))
+    # Settings given and the shared expert declined: only the missing bias is left to warn about.
+    with pytest.warns(UserWarning) as record:
+        DeepseekV3MoE.from_checkpoint(tmp_path, layers=2, shared_experts=False, progress=False, **ROUTER)
+    assert [str(w.message).endswith("the router bias is zero") for w in record] == [True]

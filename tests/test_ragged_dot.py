@@ -109,6 +109,34 @@ def test_errors_name_the_argument(operands):
         w4.ragged_dot(x, rhs, sizes.astype(jnp.float32))
     with pytest.raises(ValueError, match="lhs has K = 128 columns but rhs expects K = 256"):
         w4.ragged_dot(x[:, :128], rhs, sizes)
+    with pytest.raises(ValueError, match=r"group_sizes must be non-negative, got \[3, -1, 7, 5\]"):
+        w4.ragged_dot(x, rhs, np.asarray([3, -1, 7, 5], np.int32))
+    with pytest.raises(ValueError, match="group_sizes must sum to at most the 20 rows of lhs, got sum 25"):
+        w4.ragged_dot(x, rhs, jnp.asarray([3, 0, 7, 15], jnp.int32))
+
+
+def test_traced_group_sizes_past_m_are_clipped(operands):
+    """Traced sizes cannot be checked: offsets [0, cumsum] are clipped into [0, M] (documented),
+    so sizes summing past M act as if the last group ended at row M."""
+    x, rhs = operands
+    got = jax.jit(lambda s: w4.ragged_dot(x, rhs, s, lhs_scale=0.02))(jnp.asarray([3, 0, 7, 15], jnp.int32))
+    want = w4.ragged_dot(x, rhs, jnp.asarray([3, 0, 7, 10], jnp.int32), lhs_scale=0.02)
+    np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), np.asarray(want.astype(jnp.float32)))
+    assert np.abs(np.asarray(want.astype(jnp.float32))[15:]).max() > 0  # rows 15..19 belong to group 3 here
+
+
+@pytest.mark.parametrize("wrt", ["lhs", "lhs_scale"])
+def test_differentiation_names_ragged_dot(operands, wrt):
+    x, rhs = operands
+    sizes = jnp.asarray(SIZES, jnp.int32)
+    if wrt == "lhs":
+        f = lambda v: w4.ragged_dot(v, rhs, sizes).astype(jnp.float32).sum()  # noqa: E731
+        arg = jnp.asarray(x)
+    else:
+        f = lambda v: w4.ragged_dot(x, rhs, sizes, lhs_scale=v).astype(jnp.float32).sum()  # noqa: E731
+        arg = jnp.float32(0.02)
+    with pytest.raises(TypeError, match=f"ragged_dot is not differentiable with respect to {wrt}:"):
+        jax.grad(f)(arg)
 
 
 @pytest.mark.gpu

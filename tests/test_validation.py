@@ -273,6 +273,25 @@ def test_grouped_gemm_bad_inputs(rng):
             w4.grouped_gemm(lhs, value, w, off, implementation="reference")
 
 
+@pytest.mark.skipif(not w4.grouped_gemm_configs(), reason="the configuration names come from the CUDA module")
+def test_grouped_gemm_config_is_checked_on_the_reference_path_too(rng):
+    """A typo in config= shows on the CPU, not only once the code meets a GPU."""
+    w = weights(rng, E, 16, 256)
+    lhs = jnp.asarray(rng.standard_normal((10, 256)), jnp.float8_e4m3fn)
+    off = jnp.asarray([0, 3, 3, 7, 9], jnp.int32)
+    with pytest.raises(ValueError, match="config must name a configuration from grouped_gemm_configs"):
+        w4.grouped_gemm(lhs, 0.1, w, off, config="bogus", implementation="reference")
+    inexact = next(c.name for c in w4.grouped_gemm_configs() if not c.exact)
+    with pytest.raises(ValueError, match="is not exact"):
+        w4.grouped_gemm(lhs, 0.1, w, off, config=inexact, precision=jax.lax.Precision.HIGHEST,
+                        implementation="reference")
+    exact = next(c.name for c in w4.grouped_gemm_configs() if c.exact)
+    got = w4.grouped_gemm(lhs, 0.1, w, off, config=exact, implementation="reference")
+    np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)),
+                                  np.asarray(w4.grouped_gemm(lhs, 0.1, w, off, implementation="reference")
+                                             .astype(jnp.float32)))
+
+
 # ------------------------------------------------------------------------------------------
 # W4Weights / quantize_weights / pack_int4
 # ------------------------------------------------------------------------------------------

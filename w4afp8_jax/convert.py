@@ -238,9 +238,12 @@ def main(argv=None) -> None:
                                          "activation scales are written (dynamic scales at run time)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    with jax.default_device(jax.devices("cpu")[0]):
-        convert(args.src, args.dst, calibration=_read_calibration(args.calibration) if args.calibration else None,
-                progress=False if args.no_progress else None)
+    try:
+        with jax.default_device(jax.devices("cpu")[0]):
+            convert(args.src, args.dst, calibration=_read_calibration(args.calibration) if args.calibration else None,
+                    progress=False if args.no_progress else None)
+    except (OSError, KeyError, TypeError, ValueError) as e:  # the checks' messages name the tensor or path
+        p.exit(1, f"{p.prog}: error: {e.args[0] if isinstance(e, KeyError) and e.args else e}\n")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ variables, not `nnx.Param`, so optimizers filtering on nnx.Param leave them alon
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Iterable
 
 import jax
@@ -127,17 +128,30 @@ class DeepseekV3MoE(nnx.Module):
         sharding: as in `load_moe_experts` for the routed experts; the router and the
             shared expert are replicated on the same devices (a callable is also asked for
             "gate_weight", "e_score_correction_bias", "shared_w13", "shared_w2").
+        shared_experts: load the shared expert (bf16) when the checkpoint holds one; False
+            builds blocks without it.
+        progress: a progress bar while the routed experts load (None: for large loads), as in
+            `load_moe_experts`.
         kwargs: override config.json's top_k (num_experts_per_tok), n_group, topk_group,
             routed_scaling_factor, and set precision / implementation.
+
+        Warns (UserWarning) where the checkpoint leaves something to a default: a config.json
+        key of the above missing (DeepSeek-V3's value is used), no router bias
+        (e_score_correction_bias: zeros), or no shared expert while shared_experts is True.
         """
         ckpt = Checkpoint(path)
         single = isinstance(layers, (int, np.integer))
         experts = load_moe_experts(path, layers=[int(layers)] if single else layers, tp_size=tp_size, tp_rank=tp_rank,
                                    sharding=sharding, progress=progress)
         config = ckpt.config()
-        options = {"top_k": config.get("num_experts_per_tok", 8), "n_group": config.get("n_group", 8),
-                   "topk_group": config.get("topk_group", 4),
-                   "routed_scaling_factor": config.get("routed_scaling_factor", 2.5), **kwargs}
+        defaults = {"top_k": ("num_experts_per_tok", 8), "n_group": ("n_group", 8), "topk_group": ("topk_group", 4),
+                    "routed_scaling_factor": ("routed_scaling_factor", 2.5)}  # DeepSeek-V3's
+        options = {}
+        for option, (key, default) in defaults.items():
+            if option not in kwargs and key not in config:
+                warnings.warn(f"{path}: config.json has no {key}; using DeepSeek-V3's {default}", stacklevel=2)
+            options[option] = config.get(key, default)
+        options.update(kwargs)
 
         def place(name, value):
             if sharding is None:
@@ -152,10 +166,17 @@ class DeepseekV3MoE(nnx.Module):
         prefix = "model.layers.{}.mlp."
         gate = per_layer(lambda l: prefix.format(l) + "gate.weight", lambda w: w.astype(np.float32))
         bias_names = [prefix.format(l) + "gate.e_score_correction_bias" for l in experts.layers]
-        bias = (np.stack([np.asarray(ckpt.tensor(n), np.float32) for n in bias_names]) if bias_names[0] in ckpt
-                else np.zeros(gate.shape[:2], np.float32))
+        if bias_names[0] in ckpt:
+            bias = np.stack([np.asarray(ckpt.tensor(n), np.float32) for n in bias_names])
+        else:
+            warnings.warn(f"{path}: no {bias_names[0]}; the router bias is zero", stacklevel=2)
+            bias = np.zeros(gate.shape[:2], np.float32)
         shared_w13 = shared_w2 = None
-        if shared_experts and prefix.format(experts.layers[0]) + "shared_experts.gate_proj.weight" in ckpt:
+        has_shared = prefix.format(experts.layers[0]) + "shared_experts.gate_proj.weight" in ckpt
+        if shared_experts and not has_shared:
+            warnings.warn(f"{path}: no shared expert (model.layers.L.mlp.shared_experts.*); the blocks have none",
+                          stacklevel=2)
+        if shared_experts and has_shared:
             def shared(proj):
                 return lambda l: prefix.format(l) + f"shared_experts.{proj}_proj.weight"
             s_inter = ckpt.shape(shared("gate")(experts.layers[0]))[0]

@@ -6,9 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._validate import FP8_DTYPE, check_static_scale, require_floating, require_integer, require_rank
+from ._validate import (FP8_DTYPE, NO_RULE, QUANTIZED, check_static_scale, not_differentiable, require_floating,
+                        require_integer, require_rank)
 from .fp8 import dynamic_scale, saturate_to_fp8
-from .ops.grouped_gemm import grouped_gemm
+from .ops.grouped_gemm import grouped_gemm, weights_not_differentiable
 from .weights import W4Weights
 
 OUTPUT_DTYPES = (jnp.bfloat16, jnp.float32)
@@ -27,13 +28,21 @@ def ragged_dot(lhs, rhs: W4Weights, group_sizes, *, precision=None, preferred_el
         takes rhs [G, K, N]; W4Weights are stored N-major as checkpoints store them, so
         `lax.ragged_dot(x, w, gs)` becomes `ragged_dot(x, W4Weights for w.transpose(0, 2, 1), gs)`.
     group_sizes: integer [G], non-negative, sum(group_sizes) <= M. Rows at or past
-        sum(group_sizes) are padding and come out as zeros (as in jax.lax.ragged_dot).
+        sum(group_sizes) are padding and come out as zeros (as in jax.lax.ragged_dot). Concrete
+        sizes that break this raise ValueError; traced ones cannot be checked and give
+        `grouped_gemm`'s result for the offsets [0, cumsum(group_sizes)] (clipped into [0, M]
+        and made non-decreasing).
     precision: None / DEFAULT lets the CUDA path use Hopper's fp8 tensor-core accumulation
         where it is faster (normwise ~1e-3 from the exact sums); HIGHEST asks for the exact f32
         sum of every 128-wide K group (see `grouped_gemm`).
     preferred_element_type: bfloat16 (default) or float32. The sums are f32 but the result is
         rounded to bf16 (the kernels' output); float32 returns those bf16 values widened.
     implementation: "auto", "cuda" or "reference" (see `grouped_gemm`).
+
+    Raises TypeError / ValueError naming the argument for bad ranks, dtypes, sizes and scales
+    (before any kernel runs), and TypeError when differentiated with respect to lhs, lhs_scale
+    or rhs.scales (the fp8 quantization is piecewise constant and the kernels have no
+    derivative rule).
 
     Returns [M, N] of preferred_element_type. Matches jax.lax.ragged_dot(lhs * lhs_scale,
     rhs.dequantize().transpose(0, 2, 1), group_sizes) up to the fp8 quantization of a float lhs
@@ -53,17 +62,28 @@ def ragged_dot(lhs, rhs: W4Weights, group_sizes, *, precision=None, preferred_el
     out_dtype = jnp.dtype(preferred_element_type if preferred_element_type is not None else jnp.bfloat16)
     if out_dtype not in [jnp.dtype(d) for d in OUTPUT_DTYPES]:
         raise ValueError(f"preferred_element_type must be bfloat16 or float32, got {out_dtype}")
-    lhs = jnp.asarray(lhs)
+    if not isinstance(group_sizes, jax.core.Tracer):
+        concrete = np.asarray(group_sizes)
+        if np.any(concrete < 0):
+            raise ValueError(f"group_sizes must be non-negative, got {concrete.tolist()}")
+        if int(concrete.sum(dtype=np.int64)) > np.shape(lhs)[0]:
+            raise ValueError(f"group_sizes must sum to at most the {np.shape(lhs)[0]} rows of lhs, "
+                             f"got sum {int(concrete.sum(dtype=np.int64))}")
+    fp8_lhs = jnp.asarray(lhs).dtype == FP8_DTYPE
+    if fp8_lhs and lhs_scale is None:
+        raise ValueError("lhs_scale is required with an fp8 lhs (the f32 scale lhs was quantized with)")
+    lhs = not_differentiable("ragged_dot", "lhs", jnp.asarray(lhs), NO_RULE if fp8_lhs else QUANTIZED)
+    scale = check_static_scale("lhs_scale", lhs_scale)
+    if scale is not None:
+        scale = not_differentiable("ragged_dot", "lhs_scale", scale)
+    rhs = weights_not_differentiable("ragged_dot", "rhs", rhs)
     sizes = jnp.asarray(group_sizes).astype(jnp.int32)
     group_offsets = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(sizes)])
 
-    if lhs.dtype == FP8_DTYPE:
-        if lhs_scale is None:
-            raise ValueError("lhs_scale is required with an fp8 lhs (the f32 scale lhs was quantized with)")
-        q, scale = lhs, check_static_scale("lhs_scale", lhs_scale)
+    if fp8_lhs:
+        q = lhs
     else:
         x = lhs.astype(jnp.float32)
-        scale = check_static_scale("lhs_scale", lhs_scale)
         if scale is None:
             # Padding rows must not set the scale of the real ones.
             valid = jnp.arange(x.shape[0]) < group_offsets[-1]

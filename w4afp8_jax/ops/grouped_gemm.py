@@ -172,8 +172,9 @@ def grouped_gemm(lhs, lhs_scale, rhs: W4Weights, group_offsets, *, precision=Non
 
     config: the name of a CUDA kernel configuration from `w4afp8_jax.grouped_gemm_configs()`
     to force (tuning and benchmarks); None lets the heuristic choose from the static sizes.
-    Forcing an inexact configuration with an exact precision raises. Ignored by the
-    reference path.
+    An unknown name, or an inexact configuration with an exact precision, raises ValueError on
+    every path where the CUDA module is installed (so a typo shows on the CPU too); the
+    reference path otherwise ignores it.
 
     Not differentiable (jax.grad with respect to lhs, lhs_scale or rhs.scales raises TypeError).
     """
@@ -183,6 +184,8 @@ def grouped_gemm(lhs, lhs_scale, rhs: W4Weights, group_offsets, *, precision=Non
         raise ValueError("lhs_scale is required (the f32 scale lhs was quantized with)")
     scale = not_differentiable("grouped_gemm", "lhs_scale", check_static_scale("lhs_scale", lhs_scale), NO_RULE)
     impl = _backend.resolve(implementation)
+    if config is not None and _backend.grouped_gemm_configs():
+        _backend.check_gemm_config("config", config, exact=exact)
     lhs = not_differentiable("grouped_gemm", "lhs", jnp.asarray(lhs), NO_RULE)
     rhs = weights_not_differentiable("grouped_gemm", "rhs", rhs)
     group_offsets = int32_offsets(group_offsets, lhs.shape[0])
