@@ -376,3 +376,17 @@ def test_low_precision_float_scales_are_accepted_eagerly():
         eager, _ = w4.quantize_fp8(x, scale)
         jitted, _ = jax.jit(lambda x, s: w4.quantize_fp8(x, s))(x, scale)
         np.testing.assert_array_equal(np.asarray(eager, np.float32), np.asarray(jitted, np.float32))
+
+
+def test_traced_static_arguments_say_how_to_pass_them(rng):
+    """Static arguments reached by jax.jit's tracing name the argument and the remedy."""
+    logits = jnp.asarray(rng.standard_normal((3, 16)), jnp.float32)
+    with pytest.raises(TypeError, match="top_k must be a Python int.*close over it or list it in static_argnames"):
+        jax.jit(lambda lg, k: w4.deepseek_topk(lg, top_k=k, n_group=4, topk_group=2))(logits, 4)
+    rows = jnp.asarray(rng.standard_normal((6, 8)), jnp.bfloat16)
+    pos = jnp.asarray([[0, 1], [2, 3], [4, 5]], jnp.int32)
+    tw = jnp.ones((3, 2), jnp.float32)
+    with pytest.raises(TypeError, match="routed_scaling_factor must be a static real number.*static_argnames"):
+        jax.jit(lambda f: w4.combine(rows, pos, tw, f, implementation="reference"))(2.5)
+    with pytest.raises(TypeError, match="num_experts must be a Python int.*static_argnames"):
+        jax.jit(lambda e: w4.route(pos, e, implementation="reference"))(8)

@@ -48,9 +48,16 @@ def require_floating(name: str, x) -> None:
         raise TypeError(f"{name} must be a floating-point array, got dtype {dtype}")
 
 
+def static_hint(value) -> str:
+    """What to do when a traced value reaches an argument that must be static."""
+    if isinstance(value, jax.core.Tracer):
+        return " (a traced value: under jax.jit close over it or list it in static_argnames)"
+    return ""
+
+
 def require_num_experts(num_experts) -> int:
     if isinstance(num_experts, bool) or not isinstance(num_experts, (int, np.integer)):
-        raise TypeError(f"num_experts must be a Python int, got {type(num_experts).__name__}")
+        raise TypeError(f"num_experts must be a Python int, got {type(num_experts).__name__}{static_hint(num_experts)}")
     if not 1 <= num_experts <= MAX_EXPERTS:
         raise ValueError(f"num_experts must be in [1, {MAX_EXPERTS}], got {num_experts}")
     return int(num_experts)

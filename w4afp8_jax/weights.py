@@ -252,6 +252,11 @@ def quantize_weights(w, group_size: int = 128) -> W4Weights:
     where amax is the group's largest magnitude, and q = clip(round(w / scale), -8, 7) (ties to
     even). The largest element maps to +-7, so nothing clips; an all-zero group gets scale 1 and
     q = 0.
+
+    w: float [E, N, K], K a multiple of group_size. Returns W4Weights in the checkpoint layout:
+    packed uint8 [E, N, K/2] (two int4 per byte, element 2i in the low nibble) and scales f32
+    [E, N, K/group_size]; call `.prepare()` for the kernels' tiled layout. Raises ValueError /
+    TypeError naming w or group_size for a wrong rank, dtype or size.
     """
     w = jnp.asarray(w)
     if w.ndim != 3:

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import _backend
-from .._validate import require_dtype, require_floating, require_rank
+from .._validate import require_dtype, require_floating, require_rank, static_hint
 from .gather_quantize import check_positions
 
 
@@ -63,7 +63,8 @@ def check_routed_scaling_factor(routed_scaling_factor) -> float:
     try:
         rsf = float(routed_scaling_factor)
     except (TypeError, ValueError):
-        raise TypeError(f"routed_scaling_factor must be a static real number, got {routed_scaling_factor!r}") from None
+        raise TypeError(f"routed_scaling_factor must be a static real number, got {routed_scaling_factor!r}"
+                        f"{static_hint(routed_scaling_factor)}") from None
     if not np.isfinite(rsf):
         raise ValueError(f"routed_scaling_factor must be finite, got {rsf}")
     return rsf

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import _backend
-from .._validate import MAX_EXPERTS, require_floating, require_rank
+from .._validate import MAX_EXPERTS, require_floating, require_rank, static_hint
 
 MASKED_KEY = np.int32(np.iinfo(np.int32).min)  # outside the kept groups: never chosen before a kept expert
 NAN_KEY = np.int32(MASKED_KEY + 1)              # a NaN biased score: below every number
@@ -111,7 +111,7 @@ def _deepseek_topk_cuda_jvp(top_k, n_group, topk_group, renormalize, primals, ta
 
 def _require_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be a Python int, got {type(value).__name__}")
+        raise TypeError(f"{name} must be a Python int, got {type(value).__name__}{static_hint(value)}")
     return int(value)
 
 
@@ -142,7 +142,7 @@ def deepseek_topk(logits, bias=None, *, top_k: int = 8, n_group: int = 8, topk_g
     and 0.
 
     M = 0 gives empty results. implementation: "auto" (the CUDA kernel when built and a GPU is
-    present, else the reference), "cuda" (E <= w4afp8_jax._backend.limits().max_experts = 1024;
+    present, else the reference), "cuda" (E <= 1024, the kernels' limit;
     "auto" takes the reference above that) or "reference"; both give the same ids and weights
     (see the module docstring).
     Differentiable with respect to logits on both paths: the gradient of the weights of the
