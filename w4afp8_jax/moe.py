@@ -65,6 +65,10 @@ def moe(x, topk_ids, topk_weights, w13: W4Weights, w2: W4Weights, *, a1_scale=No
     Differentiation: exact with respect to topk_weights (the output is linear in them);
     jax.grad with respect to x, a1_scale, a2_scale or the weight scales raises TypeError
     (quantized activations have no useful derivative; no surrogate gradient is defined).
+
+    Raises TypeError / ValueError naming the argument, before any kernel runs, for a wrong rank,
+    dtype or size, mismatched shapes between x, topk_ids, topk_weights, w13 and w2, a scale out
+    of range (finite and >= 2**-126), or a traced routed_scaling_factor.
     """
     check_moe_args(x, topk_ids, topk_weights, w13, w2)
     a1_scale = check_static_scale("a1_scale", a1_scale)

@@ -84,6 +84,10 @@ def combine(rows, positions, topk_weights, routed_scaling_factor: float = 1.0, *
     Differentiable with respect to rows and topk_weights on both paths (the output is bilinear
     in them; the gradient is that of the f32 sum, the final bf16 rounding passed through as by
     `astype`). Positions are integers: nothing to differentiate.
+
+    Raises TypeError / ValueError naming the argument, before any kernel runs, for a wrong rank,
+    dtype or size, mismatched positions / topk_weights shapes, or a routed_scaling_factor that
+    is not a static finite number.
     """
     require_rank("rows", rows, 2)
     require_dtype("rows", rows, jnp.bfloat16)

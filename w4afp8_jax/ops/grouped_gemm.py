@@ -177,6 +177,9 @@ def grouped_gemm(lhs, lhs_scale, rhs: W4Weights, group_offsets, *, precision=Non
     reference path otherwise ignores it.
 
     Not differentiable (jax.grad with respect to lhs, lhs_scale or rhs.scales raises TypeError).
+    Raises TypeError / ValueError naming the argument, before any kernel runs, for a wrong rank,
+    dtype or size of lhs, rhs or group_offsets, a missing or out-of-range lhs_scale, or a bad
+    config.
     """
     check_grouped_gemm_args(lhs, rhs, group_offsets)
     exact = is_exact(precision)
