@@ -61,17 +61,25 @@ if run_phase sanitize; then
   filter=(--kernel-name kns=w4afp8)  # our kernels' names all contain the namespace
   rm -f "$AUX"/san_*.log  # a warm machine keeps $AUX
   note "sanitizer: $(compute-sanitizer --version | tail -1), filter: ${filter[*]}"
-  default_runs="memcheck:test_grouped_gemm memcheck:test_deepseek_topk memcheck:test_moe memcheck:test_layer_view
-    memcheck:test_route memcheck:test_gather_quantize memcheck:test_silu_mul_quantize memcheck:test_combine
-    memcheck:test_edge_cases memcheck:test_autodiff memcheck:test_ragged_dot memcheck:test_checkpoint
-    racecheck:test_grouped_gemm racecheck:test_deepseek_topk racecheck:test_route
-    synccheck:test_grouped_gemm synccheck:test_deepseek_topk synccheck:test_route
-    initcheck:test_grouped_gemm initcheck:test_moe"
+  # A run is tool:test_file (its GPU tests under pytest) or tool:scripts/<driver>.py (a driver
+  # that calls one kernel only: under pytest the sanitizer process died in test_deepseek_topk).
+  default_runs="memcheck:test_grouped_gemm memcheck:scripts/sanitize_deepseek_topk.py memcheck:test_moe
+    memcheck:test_layer_view memcheck:test_route memcheck:test_gather_quantize memcheck:test_silu_mul_quantize
+    memcheck:test_combine memcheck:test_edge_cases memcheck:test_autodiff memcheck:test_ragged_dot
+    memcheck:test_checkpoint racecheck:test_grouped_gemm racecheck:scripts/sanitize_deepseek_topk.py
+    racecheck:test_route synccheck:test_grouped_gemm synccheck:scripts/sanitize_deepseek_topk.py
+    synccheck:test_route initcheck:test_grouped_gemm initcheck:test_moe"
   for run in ${SANITIZE_RUNS:-$default_runs}; do
     while [ "$(jobs -rp | wc -l)" -ge "${SANITIZE_JOBS:-2}" ]; do sleep 1; done
-    tool=${run%%:*} name=${run#*:}
-    timeout -k 5 "$LIMIT" compute-sanitizer --tool "$tool" "${filter[@]}" --error-exitcode 9 python3 -m pytest -q -m gpu \
-      -p no:cacheprovider -rf "tests/$name.py" ${SANITIZE_K:+-k "$SANITIZE_K"} >"$AUX/san_${tool}_$name.log" 2>&1 &
+    tool=${run%%:*} target=${run#*:}
+    name=$(basename "$target" .py)
+    if [[ $target == scripts/* ]]; then
+      command=(python3 "$target")
+    else
+      command=(python3 -m pytest -q -m gpu -p no:cacheprovider -rf "tests/$target.py" ${SANITIZE_K:+-k "$SANITIZE_K"})
+    fi
+    timeout -k 5 "$LIMIT" compute-sanitizer --tool "$tool" "${filter[@]}" --error-exitcode 9 "${command[@]}" \
+      >"$AUX/san_${tool}_$name.log" 2>&1 &
   done
   wait
   unset XLA_PYTHON_CLIENT_ALLOCATOR XLA_FLAGS
