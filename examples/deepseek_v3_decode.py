@@ -59,13 +59,10 @@ def resolve_implementation() -> str:
     """--implementation, read before the other options since their defaults depend on it."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--implementation", choices=IMPLEMENTATIONS, default="auto")
-    requested = pre.parse_known_args()[0].implementation
-    reason = w4afp8_jax.cuda_unavailable_reason()
-    if requested == "cuda" and reason is not None:
-        sys.exit(f'implementation "cuda" is not available: {reason}')
-    if requested == "auto":
-        return "reference" if reason is not None else "cuda"
-    return requested
+    try:
+        return w4afp8_jax.resolve_implementation(pre.parse_known_args()[0].implementation)
+    except RuntimeError as e:  # "cuda" asked for where it cannot run: say why
+        sys.exit(str(e))
 
 
 def parse_args(on_gpu: bool):

@@ -55,14 +55,6 @@ def parse_args():
     return args
 
 
-def resolve_implementation(requested: str) -> str:
-    reason = w4afp8_jax.cuda_unavailable_reason()
-    if requested == "cuda" and reason is not None:
-        sys.exit(f'implementation "cuda" is not available: {reason}')
-    if requested == "auto":
-        return "reference" if reason is not None else "cuda"
-    return requested
-
 
 class ExpertWeights:
     """Random weights (normal * 0.02, rounded to bf16), each expert reproducible from (seed,
@@ -142,7 +134,10 @@ def relative_error(a, b) -> float:
 
 def main() -> None:
     args = parse_args()
-    impl = resolve_implementation(args.implementation)
+    try:
+        impl = w4afp8_jax.resolve_implementation(args.implementation)
+    except RuntimeError as e:  # "cuda" asked for where it cannot run: say why
+        sys.exit(str(e))
     on_gpu = jax.default_backend() == "gpu"
     batch = args.batch or (64 if impl == "cuda" else 4)
     repeats = args.repeats or (20 if impl == "cuda" else 3)

@@ -7,6 +7,7 @@ deepseek_topk -> route -> gather_quantize -> grouped_gemm -> silu_mul_quantize -
 """
 
 from ._backend import GemmConfig, cuda_unavailable_reason, grouped_gemm_configs, grouped_gemm_default_config
+from ._backend import resolve as resolve_implementation
 from .expert_parallel import moe_expert_parallel
 from .fp8 import quantize_fp8
 from .moe import moe
@@ -25,7 +26,7 @@ __all__ = [
     "MoEExperts", "load_moe_experts", "ragged_dot",
     "GemmConfig", "Routing", "W4Weights", "combine", "cuda_unavailable_reason", "deepseek_topk", "gather_quantize",
     "grouped_gemm", "grouped_gemm_configs", "grouped_gemm_default_config", "moe", "moe_expert_parallel", "moe_tensor_parallel", "pack_int4",
-    "quantize_fp8", "quantize_weights", "route", "shard_tensor_parallel", "silu_mul_quantize", "tensor_parallel_slice",
-    "unpack_int4",
+    "quantize_fp8", "quantize_weights", "resolve_implementation", "route", "shard_tensor_parallel", "silu_mul_quantize",
+    "tensor_parallel_slice", "unpack_int4",
 ]
 __version__ = "0.1.0"

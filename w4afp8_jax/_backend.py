@@ -136,7 +136,10 @@ def ffi_call(op: str, result_shape_dtypes, **kwargs):
 
 
 def resolve(implementation: str) -> str:
-    """Maps "auto" to "cuda" when the module is built and a GPU is present, else "reference"."""
+    """The path an `implementation=` argument takes ("cuda" or "reference"; public as
+    `w4afp8_jax.resolve_implementation`): "auto" is "cuda" when the module is built and JAX
+    sees a GPU, else "reference". Raises ValueError for another name and RuntimeError (saying
+    why, as `cuda_unavailable_reason`) for "cuda" when it cannot run."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     if implementation == "reference":
