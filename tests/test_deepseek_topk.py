@@ -34,11 +34,14 @@ WEIGHT_RTOL = 2.0**-20  # 16 f32 ulps (module docstring)
 
 # (M, E, n_group, topk_group, top_k): DeepSeek-V3 (E = 256: 8 groups, keep 4, top-8) at decode
 # and prefill sizes, small and large E, every group kept, one group kept, n_group = 32 and
-# top_k = 32, groups that are not a power of two, n_group > 32, and E at the kernels' limit.
+# top_k = 32, groups that are not a power of two, n_group > 32, and E at the kernels' limit;
+# the last three leave the kernel's last lane of every group partly empty (120 / 8 = 15 and
+# 1000 / 8 = 125 experts over 4 lanes) or give each lane two groups of 2 (n_group = 45).
 SHAPES = [
     (0, 256, 8, 4, 8), (1, 256, 8, 4, 8), (7, 256, 8, 4, 8), (64, 256, 8, 4, 8), (300, 256, 8, 4, 8),
     (7, 8, 4, 2, 3), (64, 8, 4, 4, 4), (7, 16, 4, 2, 3), (64, 16, 1, 1, 5), (300, 64, 8, 3, 6),
     (7, 64, 32, 16, 32), (64, 256, 8, 1, 32), (7, 96, 3, 2, 20), (7, 1024, 512, 100, 40), (7, 1024, 16, 4, 8),
+    (7, 120, 8, 4, 8), (5, 1000, 8, 3, 9), (5, 90, 45, 20, 7),
 ]
 # random: N(0, 2) logits and a small bias; no_bias: bias=None; negative_bias: biased scores
 # mostly below 0; ties: logits from a few well-separated values and one bias value for all
