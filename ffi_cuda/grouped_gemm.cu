@@ -62,6 +62,8 @@ const std::vector<KernelEntry>& Table() {
       Stream<StreamConfig<2, 1, 6>>(),            // stream_32x8_s6: decode
       Stream<StreamConfig<1, 2, 6>>(),            // stream_16x16_s6
       Stream<StreamConfig<2, 2, 4>>(),            // stream_32x16_s4: decode, larger batches
+      Stream<StreamConfig<2, 1, 4>>(),            // stream_32x8_s4: 3 blocks per SM, for the occupancy sweep
+      Stream<StreamConfig<1, 1, 4>>(),            // stream_16x8_s4: the same with 16-row units
       Wgmma(),                                    // wgmma_128x128_s4: prefill, precision=DEFAULT
   };
   return table;
