@@ -5,8 +5,8 @@
 #   usage: PHASES="tests sanitize example profile ab layer bench multi" bash scripts/device_check.sh [pytest -k expression]
 #   tests     the GPU tests of the whole suite (pytest -m gpu), in parallel processes
 #   sanitize  compute-sanitizer over GPU test files, SANITIZE_RUNS = "tool:test_file ..."
-#             (default: memcheck over every single-GPU test file, racecheck / synccheck over
-#             the kernels with shared memory, initcheck over the GEMM and the layer)
+#             (default: memcheck, racecheck, synccheck and initcheck over every single-GPU
+#             test file, and over scripts/sanitize_deepseek_topk.py)
 #   example   examples/deepseek_v3_decode.py (EXAMPLE_ARGS)
 #   profile   Nsight Compute sections of the PROFILE_KERNELS kernels of one decode layer
 #   ab        kernel-only times (Nsight Compute) of this build and of the build in .ab/old
@@ -53,40 +53,51 @@ if run_phase tests; then
 fi
 
 if run_phase sanitize; then
-  # One process per (tool, test file), SANITIZE_JOBS at a time (a dozen at once crashed the
-  # sanitizer), each within PHASE_LIMIT. Only this library's kernels are instrumented (XLA's own
+  # One process per (tool, test file), SANITIZE_JOBS at a time, each within PHASE_LIMIT. Only
+  # this library's kernels are instrumented (XLA's own
   # run natively: they are not ours to check and made the runs too slow), on the platform
   # allocator so an out-of-bounds access is not hidden inside a pooled block; no autotuning.
   export XLA_PYTHON_CLIENT_ALLOCATOR=platform XLA_FLAGS="--xla_gpu_autotune_level=0"
   filter=(--kernel-name kns=w4afp8)  # our kernels' names all contain the namespace
-  rm -f "$AUX"/san_*.log  # a warm machine keeps $AUX
+  # application-only: the runs that ended without a summary (test_deepseek_topk, racecheck of
+  # test_grouped_gemm) printed a second sanitizer banner first, i.e. the sanitizer had attached
+  # to a child process. The command-buffer tests' own subprocesses therefore run unchecked (the
+  # kernels they launch are checked by the other tests).
+  rm -f "$AUX"/san_*.log "$OUT/sanitizers.log"  # a warm machine keeps $AUX
   note "sanitizer: $(compute-sanitizer --version | tail -1), filter: ${filter[*]}"
   # A run is tool:test_file (its GPU tests under pytest) or tool:scripts/<driver>.py (a driver
   # that calls one kernel only: under pytest the sanitizer process died in test_deepseek_topk).
-  default_runs="memcheck:test_grouped_gemm memcheck:scripts/sanitize_deepseek_topk.py memcheck:test_moe
-    memcheck:test_layer_view memcheck:test_route memcheck:test_gather_quantize memcheck:test_silu_mul_quantize
-    memcheck:test_combine memcheck:test_edge_cases memcheck:test_autodiff memcheck:test_ragged_dot
-    memcheck:test_checkpoint racecheck:test_grouped_gemm racecheck:scripts/sanitize_deepseek_topk.py
-    racecheck:test_route synccheck:test_grouped_gemm synccheck:scripts/sanitize_deepseek_topk.py
-    synccheck:test_route initcheck:test_grouped_gemm initcheck:test_moe"
+  # Default: every tool over every single-GPU test file, the GEMM (the longest) first.
+  files="test_grouped_gemm test_moe test_edge_cases test_route test_deepseek_topk scripts/sanitize_deepseek_topk.py
+    test_gather_quantize test_silu_mul_quantize test_combine test_autodiff test_ragged_dot test_checkpoint
+    test_layer_view"
+  default_runs=$(for f in $files; do for t in memcheck racecheck synccheck initcheck; do echo "$t:$f"; done; done)
+  phase_start=$(date +%s)
   for run in ${SANITIZE_RUNS:-$default_runs}; do
-    while [ "$(jobs -rp | wc -l)" -ge "${SANITIZE_JOBS:-2}" ]; do sleep 1; done
+    while [ "$(jobs -rp | wc -l)" -ge "${SANITIZE_JOBS:-8}" ]; do sleep 1; done
+    # Each run ends by the phase's deadline (SANITIZE_TIME s after it starts); none starts with
+    # less than a minute left.
+    run_limit=$(( ${SANITIZE_TIME:-100000} - ($(date +%s) - phase_start) ))
+    (( run_limit > LIMIT )) && run_limit=$LIMIT
+    if (( run_limit < (LIMIT < 60 ? LIMIT : 60) )); then note "not started: $run"; continue; fi
     tool=${run%%:*} target=${run#*:}
     name=$(basename "$target" .py)
+    log=$AUX/san_${tool}_$name.log
     if [[ $target == scripts/* ]]; then
       command=(python3 "$target")
     else
       command=(python3 -m pytest -q -m gpu -p no:cacheprovider -rf "tests/$target.py" ${SANITIZE_K:+-k "$SANITIZE_K"})
     fi
-    timeout -k 5 "$LIMIT" compute-sanitizer --tool "$tool" "${filter[@]}" --error-exitcode 9 "${command[@]}" \
-      >"$AUX/san_${tool}_$name.log" 2>&1 &
+    # Each run reports as it ends, so a call stopped early still returns the finished ones.
+    ( start=$(date +%s)
+      timeout -k 5 "$run_limit" compute-sanitizer --tool "$tool" "${filter[@]}" --target-processes application-only \
+        --error-exitcode 9 "${command[@]}" >"$log" 2>&1
+      echo "rc $? in $(( $(date +%s) - start )) s" >>"$log"
+      flock "$OUT/sanitizers.log" -c "cat '$log' >>'$OUT/sanitizers.log'"
+      note "$tool:$name: $(grep -E 'SUMMARY|hazards' "$log" | tail -1) | $(grep -E '[0-9]+ (passed|failed)|[0-9]+ errors? in|cases x' "$log" | tail -1) | $(tail -1 "$log") $(grep -E '^FAILED' "$log" | head -3)" ) &
   done
   wait
   unset XLA_PYTHON_CLIENT_ALLOCATOR XLA_FLAGS
-  for f in "$AUX"/san_*.log; do
-    note "$(basename "$f" .log): $(grep -E 'SUMMARY|hazards' "$f" | tail -1) | $(grep -E '[0-9]+ (passed|failed|error)' "$f" | tail -1) $(grep -E '^FAILED' "$f" | head -3)"
-  done
-  cat "$AUX"/san_*.log >"$OUT/sanitizers.log"
 fi
 
 if run_phase example; then
