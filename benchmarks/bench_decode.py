@@ -112,6 +112,9 @@ def unstack(stacked: dict) -> list[dict]:
     return [{name: a[i] for name, a in stacked.items()} for i in range(num_layers)]
 
 
+SCAN_UNROLL = 1  # --unroll: layers per iteration of the scan's loop (set once by main)
+
+
 def over_layers(body, carry, layers, loop: str, collect: bool):
     """carry after body(carry, layer) over every layer, and (if collect) the stacked second
     outputs of body."""
@@ -119,9 +122,9 @@ def over_layers(body, carry, layers, loop: str, collect: bool):
         c, y = body(c, p)
         return c, (y if collect else None)
     if loop == "view":
-        return jax.lax.scan(lambda c, p: step(c, {**layers["stack"], **p}), carry, layers["xs"])
+        return jax.lax.scan(lambda c, p: step(c, {**layers["stack"], **p}), carry, layers["xs"], unroll=SCAN_UNROLL)
     if loop != "unrolled":
-        return jax.lax.scan(step, carry, layers)
+        return jax.lax.scan(step, carry, layers, unroll=SCAN_UNROLL)
     ys = []
     for p in layers:
         carry, y = step(carry, p)
@@ -454,6 +457,8 @@ def main() -> None:
                         help="precision= of moe and grouped_gemm: default (None) or jax.lax.Precision.HIGHEST")
     parser.add_argument("--loop", choices=("auto",) + LOOPS, default="auto",
                         help="how the layers are looped over (see the module docstring)")
+    parser.add_argument("--unroll", type=int, default=1, help="layers per iteration of the scan's loop (lax.scan "
+                        "unroll=; each iteration of XLA's while loop has a fixed cost, measured by comparing values)")
     parser.add_argument("--reps", type=int, default=5, help="least wall-clock repetitions per program (more for "
                         "short programs, up to 0.2 s each)")
     parser.add_argument("--peer-sets", type=int, default=4, help="weight sets the peers rotate over (>= 3)")
@@ -462,8 +467,10 @@ def main() -> None:
     args, impl, env, rates, key = reports.start(parser, "bench_decode.py", fp8_rate=False)
     if args.layers is None:
         args.layers = 2 if args.dry_run else 16
-    if args.layers < 1 or args.peer_sets < 3:
-        parser.error("--layers must be >= 1 and --peer-sets >= 3")
+    if args.layers < 1 or args.peer_sets < 3 or args.unroll < 1:
+        parser.error("--layers and --unroll must be >= 1 and --peer-sets >= 3")
+    global SCAN_UNROLL
+    SCAN_UNROLL = args.unroll
     shape = P.shape_for(args.dry_run)
     precision = None if args.precision == "default" else jax.lax.Precision.HIGHEST
 
@@ -491,7 +498,7 @@ def main() -> None:
                                    jax.random.normal(jax.random.fold_in(key, 4), (b0, shape.hidden), jnp.bfloat16),
                                    weights, probe, smallest_slice, args.dry_run)
     args.copy_alarm_bytes = float("inf") if args.dry_run else smallest_slice // 2
-    print(f"layer loop: {loop}", flush=True)
+    print(f"layer loop: {loop}, unroll {args.unroll}", flush=True)
     if loop == "unrolled":
         weights = unstack(weights)  # separate per-layer buffers, made once; the stack is freed
     peer_weights = make_peer_weights(args, shape, jax.random.fold_in(key, 5))
@@ -502,7 +509,7 @@ def main() -> None:
         print(text)
     reports.write_json(args.json, {"environment": env, "rates": rates, "shape": dataclasses.asdict(shape),
                                    "layers": args.layers, "weight_bytes": total, "precision": args.precision,
-                                   "loop": loop, "loop_probe": loop_notes, "a1_scale": a1, "a2_scale": a2,
+                                   "loop": loop, "unroll": args.unroll, "loop_probe": loop_notes, "a1_scale": a1, "a2_scale": a2,
                                    "seed_library": (peer_weights["seed"]["kernels"].library
                                                     if peer_weights["seed"] else peer_weights["seed_note"]),
                                    "rows": rows})

@@ -1,4 +1,5 @@
 #include "combine.h"
+#include "launch.cuh"
 
 namespace w4afp8 {
 namespace {
@@ -16,6 +17,7 @@ template <bool kVectorized>
 __global__ void CombineKernel(const __nv_bfloat16* __restrict__ rows, const int32_t* __restrict__ positions,
                               const float* __restrict__ weights, __nv_bfloat16* __restrict__ out,
                               int top_k, int64_t hidden, int64_t num_rows, float scaling) {
+  BeginKernel();
   const int64_t token = blockIdx.x;
   const int64_t col = (static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x) * kVec;
   if (col >= hidden) return;
@@ -75,12 +77,8 @@ cudaError_t LaunchCombine(const __nv_bfloat16* rows, const int32_t* positions, c
   // 16-byte accesses need every row start 16-byte aligned; XLA buffers are, so only hidden matters.
   const bool vectorized = hidden % kVec == 0 && reinterpret_cast<uintptr_t>(rows) % 16 == 0 &&
                           reinterpret_cast<uintptr_t>(out) % 16 == 0;
-  if (vectorized) {
-    CombineKernel<true><<<grid, kThreads, 0, stream>>>(rows, positions, weights, out, top_k, hidden, num_rows, scaling);
-  } else {
-    CombineKernel<false><<<grid, kThreads, 0, stream>>>(rows, positions, weights, out, top_k, hidden, num_rows, scaling);
-  }
-  return cudaGetLastError();
+  return Launch(vectorized ? CombineKernel<true> : CombineKernel<false>, grid, kThreads, 0, stream, rows, positions,
+                weights, out, top_k, hidden, num_rows, scaling);
 }
 
 }  // namespace w4afp8

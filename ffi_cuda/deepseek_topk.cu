@@ -18,6 +18,7 @@
 
 #include "deepseek_topk.h"
 #include "kernel_limits.h"
+#include "launch.cuh"
 
 namespace w4afp8 {
 namespace {
@@ -106,6 +107,7 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
     DeepseekTopkKernel(const T* __restrict__ logits, const float* __restrict__ bias, float* __restrict__ topk_weights,
                        int32_t* __restrict__ topk_ids, int64_t num_tokens, int num_experts, int n_group,
                        int topk_group, int top_k, bool renormalize, WarpLayout layout) {
+  BeginKernel();
   extern __shared__ int shared[];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t token = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + warp;
@@ -245,32 +247,22 @@ cudaError_t LaunchDeepseekTopk(const void* logits, bool logits_bf16, const float
   const auto launch = [&](auto slots_tag) {
     constexpr int kSlots = decltype(slots_tag)::value;
     if (logits_bf16) {
-      DeepseekTopkKernel<__nv_bfloat16, kSlots><<<grid, block, shared_bytes, stream>>>(
-          static_cast<const __nv_bfloat16*>(logits), bias, topk_weights, topk_ids, num_tokens, num_experts, n_group,
-          topk_group, top_k, renormalize, layout);
-    } else {
-      DeepseekTopkKernel<float, kSlots><<<grid, block, shared_bytes, stream>>>(
-          static_cast<const float*>(logits), bias, topk_weights, topk_ids, num_tokens, num_experts, n_group,
-          topk_group, top_k, renormalize, layout);
+      return Launch(DeepseekTopkKernel<__nv_bfloat16, kSlots>, grid, block, shared_bytes, stream,
+                    static_cast<const __nv_bfloat16*>(logits), bias, topk_weights, topk_ids, num_tokens, num_experts,
+                    n_group, topk_group, top_k, renormalize, layout);
     }
+    return Launch(DeepseekTopkKernel<float, kSlots>, grid, block, shared_bytes, stream,
+                  static_cast<const float*>(logits), bias, topk_weights, topk_ids, num_tokens, num_experts, n_group,
+                  topk_group, top_k, renormalize, layout);
   };
   static_assert(kMaxExperts <= 1024, "ChooseLayout keeps slots <= 64 up to 1024 experts");
-  if (layout.slots <= 1) {
-    launch(std::integral_constant<int, 1>());
-  } else if (layout.slots <= 2) {
-    launch(std::integral_constant<int, 2>());
-  } else if (layout.slots <= 4) {
-    launch(std::integral_constant<int, 4>());
-  } else if (layout.slots <= 8) {
-    launch(std::integral_constant<int, 8>());
-  } else if (layout.slots <= 16) {
-    launch(std::integral_constant<int, 16>());
-  } else if (layout.slots <= 32) {
-    launch(std::integral_constant<int, 32>());
-  } else {
-    launch(std::integral_constant<int, 64>());
-  }
-  return cudaGetLastError();
+  if (layout.slots <= 1) return launch(std::integral_constant<int, 1>());
+  if (layout.slots <= 2) return launch(std::integral_constant<int, 2>());
+  if (layout.slots <= 4) return launch(std::integral_constant<int, 4>());
+  if (layout.slots <= 8) return launch(std::integral_constant<int, 8>());
+  if (layout.slots <= 16) return launch(std::integral_constant<int, 16>());
+  if (layout.slots <= 32) return launch(std::integral_constant<int, 32>());
+  return launch(std::integral_constant<int, 64>());
 }
 
 }  // namespace w4afp8

@@ -1,4 +1,5 @@
 #include "gather_quantize.h"
+#include "launch.cuh"
 #include "quantize_rows.cuh"
 
 namespace w4afp8 {
@@ -10,6 +11,7 @@ template <bool kVectorized>
 __global__ void GatherQuantizeKernel(const __nv_bfloat16* __restrict__ x, const int32_t* __restrict__ positions,
                                      const float* __restrict__ scale_ptr, uint8_t* __restrict__ out,
                                      int64_t num_tokens, int top_k, int64_t hidden, int64_t num_rows) {
+  BeginKernel();
   const int64_t token = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   const int64_t col = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * kQuantCols;
   if (token >= num_tokens || col >= hidden) return;
@@ -58,9 +60,8 @@ cudaError_t LaunchGatherQuantize(const __nv_bfloat16* x, const int32_t* position
   // path, so no caller ever reads unwritten memory; the kernel then writes the named ones.
   const cudaError_t status = cudaMemsetAsync(out, 0, num_rows * hidden, stream);
   if (status != cudaSuccess) return status;
-  kernel<<<launch.grid, launch.block, 0, stream>>>(x, positions, scale, out, num_tokens, static_cast<int>(top_k),
-                                                   hidden, num_rows);
-  return cudaGetLastError();
+  return Launch(kernel, launch.grid, launch.block, 0, stream, x, positions, scale, out, num_tokens,
+                static_cast<int>(top_k), hidden, num_rows);
 }
 
 }  // namespace w4afp8

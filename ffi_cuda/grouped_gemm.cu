@@ -8,6 +8,7 @@
 #include "grouped_gemm/stream_kernel.cuh"
 #include "grouped_gemm/wgmma_kernel.cuh"
 #include "kernel_limits.h"
+#include "launch.cuh"
 
 namespace w4afp8 {
 namespace {
@@ -125,8 +126,7 @@ cudaError_t LaunchGroupedGemm(const GroupedGemmArgs& args, int config, cudaStrea
   }
   if (status != cudaSuccess) return status;
   if (blocks_per_sm == 0) return cudaErrorInvalidConfiguration;
-  entry.kernel<<<sms * blocks_per_sm, entry.threads, entry.smem_bytes, stream>>>(args);
-  return cudaGetLastError();
+  return Launch(entry.kernel, sms * blocks_per_sm, entry.threads, entry.smem_bytes, stream, args);
 }
 
 }  // namespace w4afp8

@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "kernel_limits.h"
+#include "launch.cuh"
 #include "route.h"
 
 namespace w4afp8 {
@@ -103,6 +104,7 @@ __global__ void __launch_bounds__(kThreads) RouteTileKernel(const int32_t* __res
                                                              int num_experts, int tile, int32_t* counts,
                                                              int32_t* __restrict__ rows_per_expert,
                                                              int32_t* group_offsets, int32_t* __restrict__ positions) {
+  BeginKernel();
   extern __shared__ int4 s_mem[];
   int* s_wcount = reinterpret_cast<int*>(s_mem);
   int* s_raw = s_wcount + kWarps * num_experts;
@@ -163,6 +165,7 @@ __global__ void __launch_bounds__(kThreads) RouteTileKernel(const int32_t* __res
 __global__ void __launch_bounds__(kScanThreads) ScanTilesKernel(int32_t* counts, int64_t num_tiles, int num_experts,
                                                                 int32_t* __restrict__ rows_per_expert,
                                                                 int32_t* __restrict__ group_offsets) {
+  BeginKernel();
   using BlockScan = cub::BlockScan<int, kScanThreads>;
   __shared__ typename BlockScan::TempStorage scan_storage;
   const int e = threadIdx.x;
@@ -200,9 +203,8 @@ cudaError_t LaunchTiles(int64_t num_tiles, int tile, int num_experts, cudaStream
         cudaFuncSetAttribute(RouteTileKernel<kMode>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (status != cudaSuccess) return status;
   }
-  RouteTileKernel<kMode><<<static_cast<unsigned>(num_tiles), kThreads, smem, stream>>>(
-      ids, num_slots, num_experts, tile, counts, rows_per_expert, group_offsets, positions);
-  return cudaGetLastError();
+  return Launch(RouteTileKernel<kMode>, static_cast<unsigned>(num_tiles), kThreads, smem, stream, ids, num_slots,
+                num_experts, tile, counts, rows_per_expert, group_offsets, positions);
 }
 
 }  // namespace
@@ -226,8 +228,8 @@ cudaError_t LaunchRoute(const int32_t* topk_ids, int32_t* rows_per_expert, int32
   cudaError_t status = LaunchTiles<Mode::kCount>(num_tiles, tile, num_experts, stream, topk_ids, num_slots, workspace,
                                                  rows_per_expert, group_offsets, positions);
   if (status != cudaSuccess) return status;
-  ScanTilesKernel<<<1, kScanThreads, 0, stream>>>(workspace, num_tiles, num_experts, rows_per_expert, group_offsets);
-  status = cudaGetLastError();
+  status = Launch(ScanTilesKernel, 1, kScanThreads, 0, stream, workspace, num_tiles, num_experts, rows_per_expert,
+                  group_offsets);
   if (status != cudaSuccess) return status;
   return LaunchTiles<Mode::kRank>(num_tiles, tile, num_experts, stream, topk_ids, num_slots, workspace,
                                   rows_per_expert, group_offsets, positions);

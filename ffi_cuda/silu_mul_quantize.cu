@@ -1,3 +1,4 @@
+#include "launch.cuh"
 #include "quantize_rows.cuh"
 #include "silu_mul_quantize.h"
 
@@ -14,6 +15,7 @@ template <bool kVectorized>
 __global__ void SiluMulQuantizeKernel(const __nv_bfloat16* __restrict__ c1, const int32_t* __restrict__ group_offsets,
                                       const float* __restrict__ scale_ptr, uint8_t* __restrict__ out,
                                       int64_t num_rows, int64_t inter, int64_t num_experts) {
+  BeginKernel();
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   const int64_t col = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * kQuantCols;
   if (row >= num_rows || col >= inter) return;
@@ -62,8 +64,8 @@ cudaError_t LaunchSiluMulQuantize(const __nv_bfloat16* c1, const int32_t* group_
   const bool vectorized = inter % kQuantCols == 0 && reinterpret_cast<uintptr_t>(c1) % 16 == 0 &&
                           reinterpret_cast<uintptr_t>(out) % 16 == 0;
   const auto kernel = vectorized ? SiluMulQuantizeKernel<true> : SiluMulQuantizeKernel<false>;
-  kernel<<<launch.grid, launch.block, 0, stream>>>(c1, group_offsets, scale, out, num_rows, inter, num_experts);
-  return cudaGetLastError();
+  return Launch(kernel, launch.grid, launch.block, 0, stream, c1, group_offsets, scale, out, num_rows, inter,
+                num_experts);
 }
 
 }  // namespace w4afp8

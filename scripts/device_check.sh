@@ -2,7 +2,7 @@
 # GPU work on the device machine, in phases chosen to fit a lease. The files worth keeping go to
 # $OUT (at most a handful: the device tool returns 8); scratch goes to $AUX. A summary of every
 # phase is printed last.
-#   usage: PHASES="tests sanitize example profile ab layer bench multi" bash scripts/device_check.sh [pytest -k expression]
+#   usage: PHASES="tests sanitize example profile ab layer envab bench multi" bash scripts/device_check.sh [pytest -k expression]
 #   tests     the GPU tests of the whole suite (pytest -m gpu), in parallel processes
 #   sanitize  compute-sanitizer over GPU test files, SANITIZE_RUNS = "tool:test_file ..."
 #             (default: memcheck, racecheck, synccheck and initcheck over every single-GPU
@@ -12,6 +12,7 @@
 #   ab        kernel-only times (Nsight Compute) of this build and of the build in .ab/old
 #             (a package + module of an earlier commit, with its own benchmarks/)
 #   layer     the kernels of one decode layer (B = 1 and 20) with their kernel-only times
+#   envab     bench_decode.py once per variant in ENVAB (environment and arguments; default PDL off | on)
 #   bench     bench_decode.py and bench_gemm.py (BENCH_GEMM_BATCHES), JSON and PNG
 #   multi     the multi-GPU tests and bench_multi_gpu.py (needs 2+ GPUs)
 # Each phase has a time limit (PHASE_LIMIT seconds, default 300). The CUDA module is built here
@@ -138,6 +139,20 @@ if run_phase layer; then
     python3 benchmarks/ncu_layer.py report --csv "$AUX/ncu_layer.csv" >>"$OUT/layer.txt" 2>&1
   done
   note "$(cat "$OUT/layer.txt")"
+fi
+
+if run_phase envab; then
+  # bench_decode.py once per variant of ENVAB, in order, with ENVAB_ARGS: an A/B of launch-time
+  # switches in one call. Variants are separated by "|"; in each, VAR=value words set the
+  # environment and --arg=value words are extra arguments (default: PDL off, PDL on).
+  IFS='|' read -ra variants <<<"${ENVAB:-W4AFP8_PDL=0|W4AFP8_PDL=1}"
+  for variant in "${variants[@]}"; do
+    envs=() extra=()
+    for word in $variant; do if [[ $word == --* ]]; then extra+=("$word"); else envs+=("$word"); fi; done
+    timeout "$LIMIT" env "${envs[@]}" python3 benchmarks/bench_decode.py ${ENVAB_ARGS:---no-peers --batches 1,4,16,64} \
+      "${extra[@]}" >"$AUX/envab.log" 2>&1
+    note "bench_decode with [$variant] (rc $?):"; note "$(grep -E '^  B=|Error|error' "$AUX/envab.log" | head -30)"
+  done
 fi
 
 if run_phase bench; then

@@ -38,6 +38,7 @@ struct RegisterConfig {
 
 template <class Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads) GroupedGemmRegisterKernel(GroupedGemmArgs layer_args) {
+  BeginKernel();
   const GroupedGemmArgs args = SelectLayer(layer_args);
   __shared__ TileTable<Cfg::kThreads, Cfg::kBlockT> table;
   __shared__ __align__(16) float tile_sums[Cfg::kWarpsK][Cfg::kBlockT][Cfg::kPitch];

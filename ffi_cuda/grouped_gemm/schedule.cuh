@@ -12,6 +12,7 @@
 
 #include "../grouped_gemm.h"
 #include "../kernel_limits.h"
+#include "../launch.cuh"
 
 namespace w4afp8::gemm {
 

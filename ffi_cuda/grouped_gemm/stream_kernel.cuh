@@ -64,6 +64,7 @@ struct StreamCursor {
 
 template <class Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads) GroupedGemmStreamKernel(GroupedGemmArgs layer_args) {
+  BeginKernel();
   const GroupedGemmArgs args = SelectLayer(layer_args);
   using Table = TileTable<Cfg::kThreads, Cfg::kBlockT>;
   using Stage = LaneStage<Cfg>;

@@ -144,6 +144,7 @@ __device__ __forceinline__ void ConvertStageWeights(const uint8_t* stage, uint8_
 
 template <class Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads, 1) GroupedGemmWgmmaKernel(GroupedGemmArgs layer_args) {
+  BeginKernel();
   const GroupedGemmArgs args = SelectLayer(layer_args);
   using Stage = BlockStage<Cfg>;
   __shared__ TileTable<Cfg::kThreads, Cfg::kBlockT> table;
