@@ -112,10 +112,13 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * 32)
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t token = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + warp;
   if (token >= num_tokens) return;  // whole warps only
-  int* group_keys = shared + warp * (2 * n_group + 2 * top_k);  // [n_group]
-  int* group_kept = group_keys + n_group;                         // [n_group]
-  int* chosen = group_kept + n_group;                             // [top_k] ids in slot order
+  // group_kept does not follow group_keys: the rank loop's compiled remainder reads group_keys
+  // in 8-byte pairs, one int past the end (value unused), which must not be an entry that other
+  // lanes are writing (racecheck reported it when group_kept came next).
+  int* group_keys = shared + warp * (2 * n_group + 2 * top_k);     // [n_group]
+  int* chosen = group_keys + n_group;                              // [top_k] ids in slot order
   float* chosen_score = reinterpret_cast<float*>(chosen + top_k);  // [top_k]
+  int* group_kept = reinterpret_cast<int*>(chosen_score + top_k);  // [n_group]
   const int per_group = num_experts / n_group;
   const int lane_in_group = lane % layout.lanes_per_group;
   const int first_group = lane / layout.lanes_per_group * layout.groups_per_lane;

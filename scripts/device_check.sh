@@ -6,7 +6,7 @@
 #   tests     the GPU tests of the whole suite (pytest -m gpu), in parallel processes
 #   sanitize  compute-sanitizer over GPU test files, SANITIZE_RUNS = "tool:test_file ..."
 #             (default: memcheck, racecheck, synccheck and initcheck over every single-GPU
-#             test file, and over scripts/sanitize_deepseek_topk.py)
+#             test file)
 #   example   examples/deepseek_v3_decode.py (EXAMPLE_ARGS)
 #   profile   Nsight Compute sections of the PROFILE_KERNELS kernels of one decode layer
 #   ab        kernel-only times (Nsight Compute) of this build and of the build in .ab/old
@@ -54,48 +54,48 @@ if run_phase tests; then
 fi
 
 if run_phase sanitize; then
-  # One process per (tool, test file), SANITIZE_JOBS at a time, each within PHASE_LIMIT. Only
-  # this library's kernels are instrumented (XLA's own
-  # run natively: they are not ours to check and made the runs too slow), on the platform
+  # One process per (tool, test file), SANITIZE_JOBS at a time (12 ran out of GPU memory), each
+  # within PHASE_LIMIT. memcheck, racecheck and synccheck instrument only this library's kernels
+  # (XLA's own are not ours to check and made the runs too slow); all run on the platform
   # allocator so an out-of-bounds access is not hidden inside a pooled block; no autotuning.
   export XLA_PYTHON_CLIENT_ALLOCATOR=platform XLA_FLAGS="--xla_gpu_autotune_level=0"
-  filter=(--kernel-name kns=w4afp8)  # our kernels' names all contain the namespace
+  # Our kernels' names all contain the namespace. initcheck instruments everything: a buffer
+  # written by an uninstrumented XLA kernel counts as never written (every input our kernels
+  # read from XLA was reported).
+  filter=(--kernel-name kns=w4afp8)
   # application-only: the runs that ended without a summary (test_deepseek_topk, racecheck of
   # test_grouped_gemm) printed a second sanitizer banner first, i.e. the sanitizer had attached
-  # to a child process. The command-buffer tests' own subprocesses therefore run unchecked (the
-  # kernels they launch are checked by the other tests).
+  # to a child process. Unattached, a child cannot start CUDA under the sanitizer's environment,
+  # so the tests that run a subprocess (command buffers) are left out; the kernels they launch
+  # are checked by the other tests.
   rm -f "$AUX"/san_*.log "$OUT/sanitizers.log"  # a warm machine keeps $AUX
   note "sanitizer: $(compute-sanitizer --version | tail -1), filter: ${filter[*]}"
-  # A run is tool:test_file (its GPU tests under pytest) or tool:scripts/<driver>.py (a driver
-  # that calls one kernel only: under pytest the sanitizer process died in test_deepseek_topk).
-  # Default: every tool over every single-GPU test file, the GEMM (the longest) first.
-  files="test_grouped_gemm test_moe test_edge_cases test_route test_deepseek_topk scripts/sanitize_deepseek_topk.py
-    test_gather_quantize test_silu_mul_quantize test_combine test_autodiff test_ragged_dot test_checkpoint
-    test_layer_view"
+  # A run is tool:test_file (the file's GPU tests under pytest). Default: every tool over every
+  # single-GPU test file, the longest first.
+  files="test_grouped_gemm test_moe test_edge_cases test_route test_deepseek_topk test_gather_quantize
+    test_silu_mul_quantize test_combine test_autodiff test_ragged_dot test_checkpoint test_layer_view"
   default_runs=$(for f in $files; do for t in memcheck racecheck synccheck initcheck; do echo "$t:$f"; done; done)
   phase_start=$(date +%s)
   for run in ${SANITIZE_RUNS:-$default_runs}; do
-    while [ "$(jobs -rp | wc -l)" -ge "${SANITIZE_JOBS:-8}" ]; do sleep 1; done
+    while [ "$(jobs -rp | wc -l)" -ge "${SANITIZE_JOBS:-4}" ]; do sleep 1; done
     # Each run ends by the phase's deadline (SANITIZE_TIME s after it starts); none starts with
     # less than a minute left.
     run_limit=$(( ${SANITIZE_TIME:-100000} - ($(date +%s) - phase_start) ))
     (( run_limit > LIMIT )) && run_limit=$LIMIT
     if (( run_limit < (LIMIT < 60 ? LIMIT : 60) )); then note "not started: $run"; continue; fi
     tool=${run%%:*} target=${run#*:}
-    name=$(basename "$target" .py)
-    log=$AUX/san_${tool}_$name.log
-    if [[ $target == scripts/* ]]; then
-      command=(python3 "$target")
-    else
-      command=(python3 -m pytest -q -m gpu -p no:cacheprovider -rf "tests/$target.py" ${SANITIZE_K:+-k "$SANITIZE_K"})
-    fi
+    log=$AUX/san_${tool}_$target.log
+    command=(python3 -m pytest -q -m gpu -p no:cacheprovider -rf "tests/$target.py"
+      -k "not cuda_graphs and not command_buffers${SANITIZE_K:+ and ($SANITIZE_K)}")
+    tool_filter=("${filter[@]}")
+    [ "$tool" = initcheck ] && tool_filter=()
     # Each run reports as it ends, so a call stopped early still returns the finished ones.
     ( start=$(date +%s)
-      timeout -k 5 "$run_limit" compute-sanitizer --tool "$tool" "${filter[@]}" --target-processes application-only \
+      timeout -k 5 "$run_limit" compute-sanitizer --tool "$tool" "${tool_filter[@]}" --target-processes application-only \
         --error-exitcode 9 "${command[@]}" >"$log" 2>&1
       echo "rc $? in $(( $(date +%s) - start )) s" >>"$log"
       flock "$OUT/sanitizers.log" -c "cat '$log' >>'$OUT/sanitizers.log'"
-      note "$tool:$name: $(grep -E 'SUMMARY|hazards' "$log" | tail -1) | $(grep -E '[0-9]+ (passed|failed)|[0-9]+ errors? in|cases x' "$log" | tail -1) | $(tail -1 "$log") $(grep -E '^FAILED' "$log" | head -3)" ) &
+      note "$tool:$target: $(grep -E 'SUMMARY|hazards' "$log" | tail -1) | $(grep -E '[0-9]+ (passed|failed)|[0-9]+ errors? in|cases x' "$log" | tail -1) | $(tail -1 "$log") $(grep -E '^FAILED' "$log" | head -3)" ) &
   done
   wait
   unset XLA_PYTHON_CLIENT_ALLOCATOR XLA_FLAGS
