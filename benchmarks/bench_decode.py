@@ -112,19 +112,16 @@ def unstack(stacked: dict) -> list[dict]:
     return [{name: a[i] for name, a in stacked.items()} for i in range(num_layers)]
 
 
-SCAN_UNROLL = 1  # --unroll: layers per iteration of the scan's loop (set once by main)
-
-
-def over_layers(body, carry, layers, loop: str, collect: bool):
+def over_layers(body, carry, layers, loop: str, collect: bool, unroll: int = 1):
     """carry after body(carry, layer) over every layer, and (if collect) the stacked second
-    outputs of body."""
+    outputs of body; unroll: layers per iteration of the scan's loop."""
     def step(c, p):
         c, y = body(c, p)
         return c, (y if collect else None)
     if loop == "view":
-        return jax.lax.scan(lambda c, p: step(c, {**layers["stack"], **p}), carry, layers["xs"], unroll=SCAN_UNROLL)
+        return jax.lax.scan(lambda c, p: step(c, {**layers["stack"], **p}), carry, layers["xs"], unroll=unroll)
     if loop != "unrolled":
-        return jax.lax.scan(step, carry, layers, unroll=SCAN_UNROLL)
+        return jax.lax.scan(step, carry, layers, unroll=unroll)
     ys = []
     for p in layers:
         carry, y = step(carry, p)
@@ -132,15 +129,16 @@ def over_layers(body, carry, layers, loop: str, collect: bool):
     return carry, (jnp.stack(ys) if collect else None)
 
 
-def program(body, loop: str, passes: int, collect: bool = False):
+def program(body, loop: str, passes: int, collect: bool = False, unroll: int = 1):
     """A function (carry, layers) -> (carry, ys) running `passes` passes over the layers; ys
     (when collect) of the last pass. The passes are a fori_loop with a static trip count (no
     host round trip per pass), so an unrolled layer stack is traced and compiled once."""
     def run(carry, layers):
         repeated = passes - 1 if collect else passes
         if repeated:
-            carry = jax.lax.fori_loop(0, repeated, lambda _, c: over_layers(body, c, layers, loop, False)[0], carry)
-        return over_layers(body, carry, layers, loop, True) if collect else (carry, None)
+            carry = jax.lax.fori_loop(0, repeated, lambda _, c: over_layers(body, c, layers, loop, False, unroll)[0],
+                                      carry)
+        return over_layers(body, carry, layers, loop, True, unroll) if collect else (carry, None)
     return run
 
 
@@ -189,8 +187,8 @@ def bodies(shape, impl: str, precision, a1: float, a2: float) -> dict:
 
 # --------------------------------------------------------------------------- compiling and timing
 
-def compile_program(body, loop: str, passes: int, carry, layers, collect: bool = False):
-    lowered = jax.jit(program(body, loop, passes, collect)).lower(carry, layers)
+def compile_program(body, loop: str, passes: int, carry, layers, collect: bool = False, unroll: int = 1):
+    lowered = jax.jit(program(body, loop, passes, collect, unroll)).lower(carry, layers)
     return lowered.compile(COMPILER_OPTIONS[loop]) if COMPILER_OPTIONS[loop] else lowered.compile()
 
 
@@ -229,12 +227,13 @@ def choose_loop(requested: str, body, carry, stacked: dict, extra: dict, slice_b
     raise AssertionError("unreachable: the last candidate returns")
 
 
-def time_per_layer(body, loop: str, carry, layers, num_layers: int, min_reps: int, collect: bool = False):
+def time_per_layer(body, loop: str, carry, layers, num_layers: int, min_reps: int, collect: bool = False,
+                   unroll: int = 1):
     """Seconds per layer (slope of the one- and two-pass programs), details, and the one-pass
     program's collected outputs."""
     times, outputs = {}, None
     for passes in (1, 2):
-        compiled = compile_program(body, loop, passes, carry, layers, collect)
+        compiled = compile_program(body, loop, passes, carry, layers, collect, unroll)
         out = jax.block_until_ready(compiled(carry, layers))  # warm up
         if passes == 1:
             outputs = out[1]
@@ -361,8 +360,11 @@ def run_batch(args, shape, b: int, key, weights, loop: str, body_of: dict, rates
         "gemm2": (P.random_fp8(keys[3], rows, k2), jnp.zeros((rows, n2), jnp.bfloat16)),
     }
     for name in PROGRAMS:
+        # Only the layer programs chain each layer's output into the next: unrolled, the other
+        # programs' per-layer outputs (all but the last of an iteration) are dead code to XLA.
         seconds, details, ys = time_per_layer(body_of[name], loop, carries[name], layers, num_layers, args.reps,
-                                              collect=name == "layer_router")
+                                              collect=name == "layer_router",
+                                              unroll=args.unroll if name.startswith("layer") else 1)
         row[f"{name}_us"], row[f"{name}_timing"] = seconds * 1e6, details
         if max(details["temp_bytes_1"] or 0, details["temp_bytes_2"] or 0) >= args.copy_alarm_bytes:
             print(f"  WARNING B={b} {name}: {max(details['temp_bytes_1'] or 0, details['temp_bytes_2'] or 0) / 2**20:.0f}"
@@ -457,8 +459,9 @@ def main() -> None:
                         help="precision= of moe and grouped_gemm: default (None) or jax.lax.Precision.HIGHEST")
     parser.add_argument("--loop", choices=("auto",) + LOOPS, default="auto",
                         help="how the layers are looped over (see the module docstring)")
-    parser.add_argument("--unroll", type=int, default=1, help="layers per iteration of the scan's loop (lax.scan "
-                        "unroll=; each iteration of XLA's while loop has a fixed cost, measured by comparing values)")
+    parser.add_argument("--unroll", type=int, default=1, help="layers per iteration of the layer programs' scan "
+                        "(lax.scan unroll=); the GEMM and router+prep programs always use 1, since unrolled, "
+                        "XLA drops the layers whose outputs only the next layer overwrites")
     parser.add_argument("--reps", type=int, default=5, help="least wall-clock repetitions per program (more for "
                         "short programs, up to 0.2 s each)")
     parser.add_argument("--peer-sets", type=int, default=4, help="weight sets the peers rotate over (>= 3)")
@@ -469,8 +472,6 @@ def main() -> None:
         args.layers = 2 if args.dry_run else 16
     if args.layers < 1 or args.peer_sets < 3 or args.unroll < 1:
         parser.error("--layers and --unroll must be >= 1 and --peer-sets >= 3")
-    global SCAN_UNROLL
-    SCAN_UNROLL = args.unroll
     shape = P.shape_for(args.dry_run)
     precision = None if args.precision == "default" else jax.lax.Precision.HIGHEST
 

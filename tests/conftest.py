@@ -31,10 +31,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def _seed() -> int:
+    """Fresh entropy, or W4AFP8_TEST_SEED (to replay a failure with the seed it printed)."""
+    fixed = os.environ.get("W4AFP8_TEST_SEED")
+    return int(fixed) if fixed else np.random.SeedSequence().entropy % (2**32)
+
+
 @pytest.fixture
 def rng(request):
-    """Fresh random data every run; the seed is printed on failure so a case can be replayed."""
-    seed = np.random.SeedSequence().entropy % (2**32)
+    """Fresh random data every run; the seed is printed on failure so a case can be replayed
+    (W4AFP8_TEST_SEED=<seed> pytest ... -k <case>)."""
+    seed = _seed()
     request.node.user_properties.append(("seed", seed))
     print(f"seed={seed}")
     return np.random.default_rng(seed)
@@ -44,6 +51,6 @@ def rng(request):
 def module_rng():
     """Like `rng`, for module-scoped fixtures (large weights built once per module); the seed is
     printed during the first test's setup and returned with the generator for failure messages."""
-    seed = np.random.SeedSequence().entropy % (2**32)
+    seed = _seed()
     print(f"module seed={seed}")
     return seed, np.random.default_rng(seed)
