@@ -31,9 +31,10 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-def _seed() -> int:
-    """Fresh entropy, or W4AFP8_TEST_SEED (to replay a failure with the seed it printed)."""
-    fixed = os.environ.get("W4AFP8_TEST_SEED")
+def _seed(variable: str) -> int:
+    """Fresh entropy, or the seed in the environment variable (to replay a failure with the
+    seed it printed)."""
+    fixed = os.environ.get(variable)
     return int(fixed) if fixed else np.random.SeedSequence().entropy % (2**32)
 
 
@@ -41,7 +42,7 @@ def _seed() -> int:
 def rng(request):
     """Fresh random data every run; the seed is printed on failure so a case can be replayed
     (W4AFP8_TEST_SEED=<seed> pytest ... -k <case>)."""
-    seed = _seed()
+    seed = _seed("W4AFP8_TEST_SEED")
     request.node.user_properties.append(("seed", seed))
     print(f"seed={seed}")
     return np.random.default_rng(seed)
@@ -50,7 +51,8 @@ def rng(request):
 @pytest.fixture(scope="module")
 def module_rng():
     """Like `rng`, for module-scoped fixtures (large weights built once per module); the seed is
-    printed during the first test's setup and returned with the generator for failure messages."""
-    seed = _seed()
+    printed during the first test's setup (replayed with W4AFP8_TEST_MODULE_SEED) and returned
+    with the generator for failure messages."""
+    seed = _seed("W4AFP8_TEST_MODULE_SEED")
     print(f"module seed={seed}")
     return seed, np.random.default_rng(seed)
