@@ -163,14 +163,15 @@ def time_jax(fn, instances, *, calls: int | None = None, estimate_s: float | Non
     return slope(t_n, t_2n, calls, {"calls": calls})
 
 
-def slope(t_n: float, t_2n: float, n: int, details: dict | None = None) -> tuple[float, dict]:
-    """Seconds per unit from the times of programs of n and 2n units of work. When noise
-    swamps the difference (slope <= a quarter of the 2n program's mean per unit) that mean,
-    an upper bound, is returned instead, and said so in details["method"]."""
-    per_unit, note = (t_2n - t_n) / n, "slope"
-    if per_unit <= 0.25 * t_2n / (2 * n):
-        per_unit, note = t_2n / (2 * n), "upper bound (T(2n)/2n), slope was noisy"
-    return per_unit, {**(details or {}), "t_n_us": t_n * 1e6, "t_2n_us": t_2n * 1e6, "method": note}
+def slope(t_n: float, t_m: float, n: int, details: dict | None = None, m: int | None = None) -> tuple[float, dict]:
+    """Seconds per unit from the times of programs of n and m > n units of work (m = 2n by
+    default). When noise swamps the difference (slope <= a quarter of the m program's mean per
+    unit) that mean, an upper bound, is returned instead, and said so in details["method"]."""
+    m = 2 * n if m is None else m
+    per_unit, note = (t_m - t_n) / (m - n), "slope"
+    if per_unit <= 0.25 * t_m / m:
+        per_unit, note = t_m / m, "upper bound (T(m)/m), slope was noisy"
+    return per_unit, {**(details or {}), "n": n, "m": m, "t_n_us": t_n * 1e6, "t_m_us": t_m * 1e6, "method": note}
 
 
 # --------------------------------------------------------------------------- torch and the seed
