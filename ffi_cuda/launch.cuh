@@ -1,14 +1,14 @@
 // How every kernel of this library is launched: with programmatic dependent launch (PDL, sm_90).
 //
 // A kernel launched with programmatic stream serialization may be scheduled while the kernel
-// before it in the stream is still running, once all of that kernel's blocks have called
-// AllowDependentLaunch (or exited). Its launch latency and block set-up then overlap the previous
-// kernel's tail: at decode a layer is nine small kernels, and each boundary costs a few
-// microseconds otherwise. Safety rests on one rule, kept by every kernel here: BeginKernel() is
-// its first statement, before any global-memory access, so nothing is read before the grids it
-// depends on have completed and flushed their writes, and nothing is written that they may
-// still read. A kernel launched without the attribute (W4AFP8_PDL=0, or a predecessor that is
-// not a kernel) waits for nothing there: griddepcontrol.wait is then a no-op.
+// before it in the stream is still running, once all of that kernel's blocks have executed
+// griddepcontrol.launch_dependents (or exited). Its launch latency and block set-up then
+// overlap the previous kernel's tail: at decode a layer is nine small kernels, so nine launch
+// latencies. (One A/B run showed no effect above the benchmark's spread: docs/performance.md,
+// session 3.) Safety rests on one rule, kept by every kernel here: BeginKernel() is its first
+// statement, before any global-memory access, so nothing is read before the grids it depends
+// on have completed and flushed their writes, and nothing is written that they may still read. Launched without the attribute (W4AFP8_PDL=0), a kernel starts after the previous
+// one has completed, as usual, and griddepcontrol.wait returns at once.
 #pragma once
 
 #include <cuda_runtime.h>
