@@ -42,7 +42,7 @@ def base_parser(description: str, batches: tuple[int, ...], quick_batches: tuple
     p.add_argument("--png", type=Path, default=None, help="plot (default: the --json path with .png)")
     p.add_argument("--batches", type=batch_list, default=None,
                    help="comma-separated token counts B (default: %s)" % ",".join(map(str, batches)))
-    p.add_argument("--quick", action="store_true", help=f"smoke run: B in {quick_batches} only, shorter timing")
+    p.add_argument("--quick", action="store_true", help=f"smoke run: B in {quick_batches} only (1, 4 with --dry-run), shorter timing")
     p.add_argument("--no-peers", action="store_true", help="time only this project's kernels")
     p.add_argument("--prng-seed", type=int, default=None, help="PRNG seed of the random data (default: fresh entropy, printed)")
     p.add_argument("--dry-run", action="store_true",

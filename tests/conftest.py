@@ -48,6 +48,14 @@ def rng(request):
     return np.random.default_rng(seed)
 
 
+@pytest.fixture(autouse=True)
+def _module_seed_in_every_test(request):
+    """Every test that uses module-scoped data prints its seed too (the module fixture prints
+    only during the first test's setup), so any failing test can be replayed."""
+    if "module_rng" in request.fixturenames:
+        print(f"module seed={request.getfixturevalue('module_rng')[0]}")
+
+
 @pytest.fixture(scope="module")
 def module_rng():
     """Like `rng`, for module-scoped fixtures (large weights built once per module); the seed is

@@ -118,7 +118,7 @@ def test_smallest_normal_scale_is_accepted(problem):
     assert np.all(np.isfinite(np.asarray(out.astype(jnp.float32))))
 
 
-@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), "abc", None, [1.0, 2.0]])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), "abc", "2", True, None, [1.0, 2.0]])
 def test_moe_bad_routed_scaling_factor(problem, value):
     with pytest.raises((ValueError, TypeError), match="routed_scaling_factor"):
         call_moe(problem, routed_scaling_factor=value)

@@ -28,7 +28,11 @@ from collections.abc import Callable, Iterable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+try:
+    from flax import nnx
+except ModuleNotFoundError as err:  # the optional extra
+    raise ModuleNotFoundError(f"w4afp8_jax.nnx needs Flax: pip install \"w4afp8_jax[flax]\" ({err})",
+                              name=err.name) from err
 from jax.sharding import Sharding
 
 from .checkpoint import Checkpoint, load_moe_experts, replicated

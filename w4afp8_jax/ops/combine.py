@@ -60,6 +60,10 @@ def _combine_cuda_jvp(routed_scaling_factor, primals, tangents):
 
 def check_routed_scaling_factor(routed_scaling_factor) -> float:
     """The factor as a Python float; raises unless it is a static finite real number."""
+    if not isinstance(routed_scaling_factor, jax.core.Tracer):  # a tracer fails below, with a hint
+        dtype = np.asarray(routed_scaling_factor).dtype  # bool and str convert to float silently
+        if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
+            raise TypeError(f"routed_scaling_factor must be a static real number, got {routed_scaling_factor!r}")
     try:
         rsf = float(routed_scaling_factor)
     except (TypeError, ValueError):
