@@ -238,23 +238,21 @@ def time_per_layer(body, loop: str, carry, layers, num_layers: int, min_reps: in
     the difference is about SLOPE_EXTRA_S: at B = 1 one pass is ~1 ms, and a one-pass
     difference left the slope to host jitter), details, and the one-pass program's collected
     outputs."""
-    times, outputs, passes = {}, None, 1
-    while True:
+    def measure(passes: int):
         compiled = compile_program(body, loop, passes, carry, layers, collect, unroll)
         out = jax.block_until_ready(compiled(carry, layers))  # warm up
-        if passes == 1:
-            outputs = out[1]
         t0 = time.perf_counter()
         jax.block_until_ready(compiled(carry, layers))
         once = time.perf_counter() - t0
         reps = int(min(200, max(min_reps, math.ceil(0.2 / max(once, 1e-6)))))
-        times[passes] = timing.wall_median(lambda: jax.block_until_ready(compiled(carry, layers)), reps)
-        times[f"temp_bytes_{passes}"] = temp_bytes(compiled)
-        if passes > 1:
-            break
-        passes = int(min(32, max(2, 1 + math.ceil(SLOPE_EXTRA_S / max(times[1], 1e-6)))))
-    seconds, details = timing.slope(times[1], times[passes], num_layers, m=passes * num_layers)
-    details.update(temp_bytes_1=times["temp_bytes_1"], temp_bytes_p=times[f"temp_bytes_{passes}"])
+        return timing.wall_median(lambda: jax.block_until_ready(compiled(carry, layers)), reps), \
+            temp_bytes(compiled), out[1]
+
+    t_1, temp_1, outputs = measure(1)
+    passes = int(min(32, max(2, 1 + math.ceil(SLOPE_EXTRA_S / max(t_1, 1e-6)))))
+    t_p, temp_p, _ = measure(passes)
+    seconds, details = timing.slope(t_1, t_p, num_layers, m=passes * num_layers)
+    details.update(temp_bytes_1=temp_1, temp_bytes_p=temp_p)
     return seconds, details, outputs
 
 
