@@ -55,12 +55,23 @@ def static_hint(value) -> str:
     return ""
 
 
+def is_real_dtype(dtype) -> bool:
+    """Floating or integer (bf16 and f16 included); not bool, complex or str."""
+    return bool(jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer))
+
+
+def require_static_int(name: str, value) -> int:
+    """value as an int; raises TypeError unless it is a Python or NumPy int (not bool)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be a Python int, got {type(value).__name__}{static_hint(value)}")
+    return int(value)
+
+
 def require_num_experts(num_experts) -> int:
-    if isinstance(num_experts, bool) or not isinstance(num_experts, (int, np.integer)):
-        raise TypeError(f"num_experts must be a Python int, got {type(num_experts).__name__}{static_hint(num_experts)}")
+    num_experts = require_static_int("num_experts", num_experts)
     if not 1 <= num_experts <= MAX_EXPERTS:
         raise ValueError(f"num_experts must be in [1, {MAX_EXPERTS}], got {num_experts}")
-    return int(num_experts)
+    return num_experts
 
 
 def int32_offsets(group_offsets, num_rows: int) -> jax.Array:
@@ -91,7 +102,7 @@ def check_static_scale(name: str, scale) -> jax.Array | None:
     value = np.asarray(scale)
     if value.size != 1:
         raise ValueError(f"{name} must be a scalar, got shape {value.shape}")
-    if not jnp.issubdtype(value.dtype, jnp.floating) and not jnp.issubdtype(value.dtype, jnp.integer):
+    if not is_real_dtype(value.dtype):
         raise TypeError(f"{name} must be a real number, got dtype {value.dtype}")  # (bf16 and f16 are)
     v = float(value.reshape(()))
     if not math.isfinite(v) or v <= 0.0:

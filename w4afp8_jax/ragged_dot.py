@@ -66,9 +66,9 @@ def ragged_dot(lhs, rhs: W4Weights, group_sizes, *, precision=None, preferred_el
         concrete = np.asarray(group_sizes)
         if np.any(concrete < 0):
             raise ValueError(f"group_sizes must be non-negative, got {concrete.tolist()}")
-        if int(concrete.sum(dtype=np.int64)) > np.shape(lhs)[0]:
-            raise ValueError(f"group_sizes must sum to at most the {np.shape(lhs)[0]} rows of lhs, "
-                             f"got sum {int(concrete.sum(dtype=np.int64))}")
+        total = int(concrete.sum(dtype=np.int64))
+        if total > np.shape(lhs)[0]:
+            raise ValueError(f"group_sizes must sum to at most the {np.shape(lhs)[0]} rows of lhs, got sum {total}")
     fp8_lhs = jnp.asarray(lhs).dtype == FP8_DTYPE
     if fp8_lhs and lhs_scale is None:
         raise ValueError("lhs_scale is required with an fp8 lhs (the f32 scale lhs was quantized with)")

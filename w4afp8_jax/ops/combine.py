@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import _backend
-from .._validate import require_dtype, require_floating, require_rank, static_hint
+from .._validate import is_real_dtype, require_dtype, require_floating, require_rank, static_hint
 from .gather_quantize import check_positions
 
 
@@ -61,8 +61,7 @@ def _combine_cuda_jvp(routed_scaling_factor, primals, tangents):
 def check_routed_scaling_factor(routed_scaling_factor) -> float:
     """The factor as a Python float; raises unless it is a static finite real number."""
     if not isinstance(routed_scaling_factor, jax.core.Tracer):  # a tracer fails below, with a hint
-        dtype = np.asarray(routed_scaling_factor).dtype  # bool and str convert to float silently
-        if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
+        if not is_real_dtype(np.asarray(routed_scaling_factor).dtype):  # bool and str convert to float silently
             raise TypeError(f"routed_scaling_factor must be a static real number, got {routed_scaling_factor!r}")
     try:
         rsf = float(routed_scaling_factor)

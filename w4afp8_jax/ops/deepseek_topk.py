@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import _backend
-from .._validate import MAX_EXPERTS, require_floating, require_rank, static_hint
+from .._validate import MAX_EXPERTS, require_floating, require_rank, require_static_int
 
 MASKED_KEY = np.int32(np.iinfo(np.int32).min)  # outside the kept groups: never chosen before a kept expert
 NAN_KEY = np.int32(MASKED_KEY + 1)              # a NaN biased score: below every number
@@ -109,12 +109,6 @@ def _deepseek_topk_cuda_jvp(top_k, n_group, topk_group, renormalize, primals, ta
     return (weights, ids), (weights_dot, np.zeros(ids.shape, jax.dtypes.float0))
 
 
-def _require_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be a Python int, got {type(value).__name__}{static_hint(value)}")
-    return int(value)
-
-
 def deepseek_topk(logits, bias=None, *, top_k: int = 8, n_group: int = 8, topk_group: int = 4,
                   renormalize: bool = True, implementation: str = "auto") -> tuple[jax.Array, jax.Array]:
     """DeepSeek-V3's router: returns (topk_weights f32 [M, top_k], topk_ids int32 [M, top_k]).
@@ -155,7 +149,7 @@ def deepseek_topk(logits, bias=None, *, top_k: int = 8, n_group: int = 8, topk_g
     if bias is not None:
         require_rank("bias", bias, 1)
         require_floating("bias", bias)
-    top_k, n_group, topk_group = (_require_int(name, value) for name, value in
+    top_k, n_group, topk_group = (require_static_int(name, value) for name, value in
                                   (("top_k", top_k), ("n_group", n_group), ("topk_group", topk_group)))
     num_tokens, num_experts = np.shape(logits)
     if bias is not None and np.shape(bias)[0] != num_experts:
