@@ -212,12 +212,42 @@ def moe(x, topk_ids, topk_weights, w13_packed, w13_scales, w2_packed, w2_scales,
     c1 = to_bf16(grouped_gemm(q1, s1, w13_packed, w13_scales, offsets, group_size))
     h = silu_mul(c1)
     q2, s2 = quantize_fp8(h, a2_scale)
-    c2 = to_bf16(grouped_gemm(q2, s2, w2_packed, w2_scales, offsets, group_size))
+    c2_exact = grouped_gemm(q2, s2, w2_packed, w2_scales, offsets, group_size)
+    c2 = to_bf16(c2_exact)
     # combine over [kept_rows, H]: dropped slots have position -1 and are skipped.
     out = combine(c2, positions, topk_weights, routed_scaling_factor)
     if return_intermediates:
-        return out, dict(q1=q1, s1=s1, c1=c1, h=h, q2=q2, s2=s2, c2=c2, offsets=offsets, positions=positions)
+        return out, dict(q1=q1, s1=s1, c1=c1, h=h, q2=q2, s2=s2, c2=c2, c2_exact=c2_exact, offsets=offsets,
+                         positions=positions)
     return out
+
+
+def moe_one_q2_flip(token: int, im: dict, topk_weights, w2_packed, w2_scales, group_size: int = 128,
+                    routed_scaling_factor: float = 1.0):
+    """Yield bf16 [I, H] per kept slot of `token`: its output row when one code of that slot's q2
+    row takes the other rounding of h / a2 (the neighbouring fp8 value on the other side of it),
+    one candidate row per code. im: moe's intermediates.
+
+    An implementation that accumulates a GEMM in f32 rather than float64 can move a c1 value by
+    one bf16 ulp, and that moves a q2 code when h / a2 lies that close to a rounding boundary:
+    a legitimate difference that changes the token's whole output row slightly (tests/test_moe.py).
+    """
+    q2, h, s2 = im["q2"], im["h"], im["s2"]
+    positions, offsets = im["positions"], im["offsets"]
+    w = np.asarray(topk_weights, np.float64)[token]
+    kept = [(j, int(p)) for j, p in enumerate(positions[token]) if p >= 0]
+    acc = sum(w[j] * im["c2"][p].astype(np.float64) for j, p in kept)
+    for j, p in kept:
+        expert = int(np.searchsorted(offsets, p, side="right") - 1)
+        v = (h[p].astype(np.float32) / s2).astype(np.float64)
+        q = q2[p].astype(np.float64)
+        step = np.sign(v - q) * (np.abs(q) < FP8_MAX)  # toward v; a saturated code has no other side
+        ordinal = fp8_ordinal(q2[p]) + step.astype(np.int64)
+        bits = (np.abs(ordinal) | np.where(ordinal < 0, 0x80, 0)).astype(np.uint8)
+        dq = np.where(step != 0, bits.view(FP8).astype(np.float64) - q, 0.0)  # [I]
+        w2 = dequantize(np.asarray(w2_packed[expert]), np.asarray(w2_scales[expert]), group_size)  # [H, I]
+        c2_alt = to_bf16(im["c2_exact"][p][None, :] + (dq * float(s2))[:, None] * w2.T).astype(np.float64)
+        yield to_bf16(routed_scaling_factor * (acc + w[j] * (c2_alt - im["c2"][p].astype(np.float64))))
 
 
 # ---------------------------------------------------------------------------------------------
