@@ -6,17 +6,18 @@ differences come from the reference accumulating in f32 where the model uses flo
 a bf16 c1 / c2 value by one bf16 ulp when the exact value lies within the f32 error of a rounding
 boundary (rare: ~1e-4 of the elements), and a changed c1 can move one q2 element by one fp8 ulp
 (2^-4..2^-3 relative). One such q2 change perturbs a whole c2 row by about |dq| / (8 sqrt(I)) of
-its norm, i.e. a fraction of a percent, and the token's output row by less. Hence, on the bf16
-outputs:
+its norm, i.e. a fraction of a percent, and the token's output row by less, but it can move
+single elements of that row by more than an element-wise bound would allow (seed 3267545452 of
+the drops test: one c1 value one bf16 ulp apart, q2 code 12 -> 13, 18% of the row past one
+ulp; seed 3416446752 of the 33-16-384-256 dynamic case: elements 0.0063 off against an atol of
+0.0022). Hence, on the bf16 outputs:
   - ||out - model|| / ||model|| < 1e-2 (a few intermediate flips stay far below this);
-  - every element within rtol 1e-2 plus atol 5% of the output's rms (the seed's rtol 1e-2 /
-    atol 0.1, scaled to these outputs; a single fp8 flip moves an element by ~1e-3 here);
-  - in every token's row, >= 98% of the elements within one bf16 ulp of the model, or of the
-    model with one q2 code of that token moved to its other rounding. Without a q2 flip only c2
-    and out flips remain, one element each (all but ~1e-3 of the elements agree); one q2 flip
-    moves ~20% of its row past one ulp (seed 3267545452 of the drops test: one c1 value one
-    bf16 ulp apart, q2 code 12 -> 13, 82% of the row within one ulp). A wrong row,
-    expert, slot or scale cannot be one code away.
+  - every token's row close to the model's row, or to the row the model gives with one q2 code
+    of that token at its other rounding (`numpy_model.moe_one_q2_flip`), where close means:
+    every element within rtol 1e-2 plus atol 5% of the output's rms (the seed's rtol 1e-2 /
+    atol 0.1, scaled to these outputs), and >= 98% of the elements within one bf16 ulp (with
+    the q2 codes equal only c2 and out flips remain, one element each: ~1e-3 of the elements).
+    A wrong row, expert, slot or scale is not one code away.
 
 CUDA path (precision=HIGHEST) against the reference path on the CPU: every step agrees with the
 reference exactly (integers, fp8 gather) or to one bf16/fp8 rounding flip (GEMMs: f32 summation
@@ -106,6 +107,13 @@ def within_ulp(got, want):
     return np.mean(np.abs(got.astype(np.float64) - want.astype(np.float64)) <= ref.bf16_ulp(want), axis=-1)
 
 
+def row_close(got, want, atol):
+    """Per row of `want` (bf16 [..., H]): every element within rtol 1e-2 + atol of it, and >= 98%
+    within one bf16 ulp (see the top)."""
+    g, w = got.astype(np.float64), want.astype(np.float64)
+    return np.all(np.abs(g - w) <= 1e-2 * np.abs(w) + atol, axis=-1) & (within_ulp(got, want) >= 0.98)
+
+
 def assert_moe_close(got, model, seed_note=""):
     """The reference path's bounds against the model (see the top)."""
     got, want = np.asarray(got), model.out
@@ -118,12 +126,13 @@ def assert_moe_close(got, model, seed_note=""):
         return
     rel = np.linalg.norm(g - w) / norm
     assert rel < 1e-2, f"relative norm error {rel} {seed_note}"
-    rms = np.sqrt(np.mean(w**2))
-    np.testing.assert_allclose(g, w, rtol=1e-2, atol=0.05 * rms, err_msg=seed_note)
-    for token in np.flatnonzero(within_ulp(got, want) < 0.98):
-        best = max(within_ulp(got[token], rows).max() for rows in model.one_q2_flip(token))
-        assert best >= 0.98, (f"token {token}: {within_ulp(got[token], want[token]):.4f} of its elements within "
-                              f"1 bf16 ulp of the model, at most {best:.4f} with one q2 code flipped {seed_note}")
+    # Each row as the model has it, or as it has it with one q2 code at its other rounding.
+    atol = 0.05 * np.sqrt(np.mean(w**2))
+    for token in np.flatnonzero(~row_close(got, want, atol)):
+        assert any(row_close(got[token], rows, atol).any() for rows in model.one_q2_flip(token)), (
+            f"token {token}: {within_ulp(got[token], want[token]):.4f} of its elements within 1 bf16 ulp of the "
+            f"model, max |error| {np.abs(g[token] - w[token]).max():.3g} (atol {atol:.3g}), and no single q2 flip "
+            f"explains it {seed_note}")
 
 
 def assert_layer_close(got, want, bound=5e-3):
