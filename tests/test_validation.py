@@ -273,6 +273,56 @@ def test_grouped_gemm_bad_inputs(rng):
             w4.grouped_gemm(lhs, value, w, off, implementation="reference")
 
 
+def kernel_layout_problem(rng, gs, inter):
+    """A valid layer for the reference path with group size `gs` and I = `inter` (N of w13 = 2I)."""
+    q = lambda n, k: w4.quantize_weights(rng.standard_normal((E, n, k)).astype(np.float32), gs)  # noqa: E731
+    x = jnp.asarray(rng.standard_normal((M, H)), jnp.bfloat16)
+    ids = jnp.asarray(rng.integers(0, E, size=(M, K)), jnp.int32)
+    return dict(x=x, topk_ids=ids, topk_weights=jnp.asarray(rng.random((M, K)), jnp.float32), w13=q(2 * inter, H),
+                w2=q(H, inter))
+
+
+def test_kernel_layout_is_checked_per_argument(rng):
+    """The CUDA kernels need group size 128 and N % 16 == 0; the reference path takes any layout.
+    The check runs on the CPU too (it only reads sizes) and names the argument the caller passed."""
+    from w4afp8_jax.moe import check_moe_args
+    from w4afp8_jax.ops.grouped_gemm import check_kernel_layout
+
+    good, bad = kernel_layout_problem(rng, 128, 128), kernel_layout_problem(rng, 64, 128)
+    layer = lambda p: (p["x"], p["topk_ids"], p["topk_weights"], p["w13"], p["w2"])  # noqa: E731
+    for p in (good, bad):
+        assert call_moe(p).shape == (M, H)  # the reference path runs both
+        check_moe_args(*layer(p), "reference")
+    check_moe_args(*layer(good), "cuda")
+    with pytest.raises(ValueError, match=r"w13\.group_size must be 128 on the CUDA path, got 64"):
+        check_moe_args(*layer(bad), "cuda")
+    with pytest.raises(ValueError, match=r"w2\.group_size must be 128 on the CUDA path, got 64"):
+        check_moe_args(*layer({**bad, "w13": good["w13"]}), "cuda")
+    # With group size 128 a layer's N (2I, H) are multiples of 128; a lone GEMM's need not be.
+    narrow = weights(rng, E, 24, 256)
+    check_kernel_layout("rhs", narrow, "reference")
+    with pytest.raises(ValueError, match="rhs: N = 24 output features must be a multiple of 16"):
+        check_kernel_layout("rhs", narrow, "cuda")
+
+
+@pytest.mark.gpu
+def test_kernel_layout_errors_name_the_argument_on_the_gpu(rng):
+    """moe, grouped_gemm and the multi-GPU layers on the CUDA path reject group size 64 before any
+    kernel runs, naming the argument the caller passed (w13, w2, rhs), not an internal name."""
+    p = kernel_layout_problem(rng, 64, 128)
+    with pytest.raises(ValueError, match=r"w13\.group_size must be 128 on the CUDA path, got 64"):
+        call_moe(p, implementation="cuda")
+    with pytest.raises(ValueError, match=r"w2\.group_size must be 128"):
+        call_moe({**p, "w13": kernel_layout_problem(rng, 128, 128)["w13"]}, implementation="cuda")
+    lhs = jnp.zeros((4, H), jnp.float8_e4m3fn)
+    with pytest.raises(ValueError, match=r"rhs\.group_size must be 128"):
+        w4.grouped_gemm(lhs, 1.0, p["w13"], jnp.asarray([0, 1, 2, 3, 4], jnp.int32), implementation="cuda")
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("ep",))
+    with pytest.raises(ValueError, match=r"w13\.group_size must be 128"):
+        w4.moe_expert_parallel(p["x"], p["topk_ids"], p["topk_weights"], p["w13"], p["w2"], mesh=mesh,
+                               axis_name="ep", implementation="cuda")
+
+
 @pytest.mark.skipif(not w4.grouped_gemm_configs(), reason="the configuration names come from the CUDA module")
 def test_grouped_gemm_config_is_checked_on_the_reference_path_too(rng):
     """A typo in config= shows on the CPU, not only once the code meets a GPU."""

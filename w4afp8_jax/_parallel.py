@@ -17,7 +17,7 @@ from jax.sharding import Mesh
 from . import _backend
 from ._validate import check_static_scale
 from .fp8 import finite_amax, scale_from_amax
-from .ops.combine import combine_f32
+from .ops.combine import check_routed_scaling_factor, combine_f32
 from .ops.gather_quantize import gather_quantize
 from .ops.grouped_gemm import grouped_gemm, is_exact
 from .ops.route import route
@@ -89,7 +89,7 @@ def layer_settings(x, *, size: int, axis_name: str, token_sharded: bool, a1_scal
                          "(token_sharded=True)")
     check_precision(precision)
     return dict(a1_scale=check_static_scale("a1_scale", a1_scale), a2_scale=check_static_scale("a2_scale", a2_scale),
-                routed_scaling_factor=float(routed_scaling_factor), precision=precision,
+                routed_scaling_factor=check_routed_scaling_factor(routed_scaling_factor), precision=precision,
                 impl=_backend.resolve(implementation))
 
 

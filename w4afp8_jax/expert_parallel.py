@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
+from . import _backend
 from ._parallel import axis_size, empty_output, gather_tokens, global_scale, layer_settings, partial_layer, sum_shares
 from ._validate import FP8_DTYPE
 from .fp8 import saturate_to_fp8
@@ -118,7 +119,7 @@ def moe_expert_parallel(x, topk_ids, topk_weights, w13: W4Weights, w2: W4Weights
     Raises ValueError for a mesh without `axis_name`, uneven splits of M (token_sharded) or E,
     an unknown dispatch, or bad scales; TypeError for wrong types.
     """
-    check_moe_args(x, topk_ids, topk_weights, w13, w2)
+    check_moe_args(x, topk_ids, topk_weights, w13, w2, _backend.resolve(implementation))
     num_shards = axis_size(mesh, axis_name)
     if dispatch not in DISPATCHES:
         raise ValueError(f"dispatch must be one of {DISPATCHES}, got {dispatch!r}")

@@ -11,13 +11,15 @@ from ._validate import check_static_scale, not_differentiable, require_floating,
 from .fp8 import dynamic_scale
 from .ops.combine import check_routed_scaling_factor, combine_unchecked
 from .ops.gather_quantize import gather_quantize_unchecked
-from .ops.grouped_gemm import grouped_gemm_unchecked, is_exact, weights_not_differentiable
+from .ops.grouped_gemm import check_kernel_layout, grouped_gemm_unchecked, is_exact, weights_not_differentiable
 from .ops.route import route
 from .ops.silu_mul_quantize import kept_silu_mul, silu_mul_quantize_unchecked
 from .weights import W4Weights
 
 
-def check_moe_args(x, topk_ids, topk_weights, w13, w2) -> None:
+def check_moe_args(x, topk_ids, topk_weights, w13, w2, impl: str) -> None:
+    """Raise TypeError / ValueError naming the argument for any argument of the layer that its
+    implementation `impl` ("reference" or "cuda") cannot take."""
     require_rank("x", x, 2)
     require_floating("x", x)
     require_rank("topk_ids", topk_ids, 2)
@@ -45,6 +47,8 @@ def check_moe_args(x, topk_ids, topk_weights, w13, w2) -> None:
         raise ValueError(f"w2 expects I = {w2.in_features} input features but w13 gives I = {inter}")
     if w2.out_features != h:
         raise ValueError(f"w2 produces H = {w2.out_features} features but x has H = {h}")
+    check_kernel_layout("w13", w13, impl)
+    check_kernel_layout("w2", w2, impl)
 
 
 def moe(x, topk_ids, topk_weights, w13: W4Weights, w2: W4Weights, *, a1_scale=None, a2_scale=None,
@@ -68,14 +72,15 @@ def moe(x, topk_ids, topk_weights, w13: W4Weights, w2: W4Weights, *, a1_scale=No
 
     Raises TypeError / ValueError naming the argument, before any kernel runs, for a wrong rank,
     dtype or size, mismatched shapes between x, topk_ids, topk_weights, w13 and w2, a scale out
-    of range (finite and >= 2**-126), or a traced routed_scaling_factor.
+    of range (finite and >= 2**-126), or a traced routed_scaling_factor; on the CUDA path also
+    for weights with a group size other than 128 or a row count (2I, H) not a multiple of 16.
     """
-    check_moe_args(x, topk_ids, topk_weights, w13, w2)
+    impl = _backend.resolve(implementation)
+    check_moe_args(x, topk_ids, topk_weights, w13, w2, impl)
     a1_scale = check_static_scale("a1_scale", a1_scale)
     a2_scale = check_static_scale("a2_scale", a2_scale)
     rsf = check_routed_scaling_factor(routed_scaling_factor)
     exact = is_exact(precision)
-    impl = _backend.resolve(implementation)
     x = not_differentiable("moe", "x", jnp.asarray(x))
     scale1 = dynamic_scale(x.astype(jnp.float32)) if a1_scale is None else not_differentiable("moe", "a1_scale", a1_scale)
     w13 = weights_not_differentiable("moe", "w13", w13)

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
+from . import _backend
 from ._parallel import axis_size, empty_output, gather_tokens, layer_settings, partial_layer, sum_shares
 from ._validate import require_rank
 from .moe import check_moe_args
@@ -139,7 +140,8 @@ def moe_tensor_parallel(x, topk_ids, topk_weights, w13: W4Weights, w2: W4Weights
     local = lambda w, n: W4Weights(jax.ShapeDtypeStruct((w.num_experts, n, w.packed.shape[-1]), w.packed.dtype),
                                    jax.ShapeDtypeStruct((w.num_experts, n, w.scales.shape[-1]), w.scales.dtype),
                                    w.group_size, w.layout)
-    check_moe_args(x, topk_ids, topk_weights, local(w13, w13.out_features // size), local(w2, hidden))
+    check_moe_args(x, topk_ids, topk_weights, local(w13, w13.out_features // size), local(w2, hidden),
+                   _backend.resolve(implementation))
     layer = layer_settings(x, size=size, axis_name=axis_name, token_sharded=token_sharded, a1_scale=a1_scale,
                            a2_scale=a2_scale, precision=precision, routed_scaling_factor=routed_scaling_factor,
                            implementation=implementation)

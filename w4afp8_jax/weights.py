@@ -255,8 +255,11 @@ def quantize_weights(w, group_size: int = 128) -> W4Weights:
 
     w: float [E, N, K], K a multiple of group_size. Returns W4Weights in the checkpoint layout:
     packed uint8 [E, N, K/2] (two int4 per byte, element 2i in the low nibble) and scales f32
-    [E, N, K/group_size]; call `.prepare()` for the kernels' tiled layout. Raises ValueError /
-    TypeError naming w or group_size for a wrong rank, dtype or size.
+    [E, N, K/group_size]; call `.prepare()` for the kernels' tiled layout. The arrays are
+    jax.Arrays computed on JAX's default device whatever `w` is (for host-side quantization of
+    a large checkpoint, run it under `jax.default_device(jax.devices("cpu")[0])`). The CUDA
+    path needs group_size 128. Raises ValueError / TypeError naming w or group_size for a wrong
+    rank, dtype or size.
     """
     w = jnp.asarray(w)
     if w.ndim != 3:

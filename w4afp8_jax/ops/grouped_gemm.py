@@ -179,7 +179,8 @@ def grouped_gemm(lhs, lhs_scale, rhs: W4Weights, group_offsets, *, precision=Non
     Not differentiable (jax.grad with respect to lhs, lhs_scale or rhs.scales raises TypeError).
     Raises TypeError / ValueError naming the argument, before any kernel runs, for a wrong rank,
     dtype or size of lhs, rhs or group_offsets, a missing or out-of-range lhs_scale, or a bad
-    config.
+    config; on the CUDA path also for rhs with a group size other than 128 or N not a multiple
+    of 16 (the kernels' layout; the reference path takes any even group size and any N).
     """
     check_grouped_gemm_args(lhs, rhs, group_offsets)
     exact = is_exact(precision)
@@ -187,6 +188,7 @@ def grouped_gemm(lhs, lhs_scale, rhs: W4Weights, group_offsets, *, precision=Non
         raise ValueError("lhs_scale is required (the f32 scale lhs was quantized with)")
     scale = not_differentiable("grouped_gemm", "lhs_scale", check_static_scale("lhs_scale", lhs_scale), NO_RULE)
     impl = _backend.resolve(implementation)
+    check_kernel_layout("rhs", rhs, impl)
     if config is not None and _backend.grouped_gemm_configs():
         _backend.check_gemm_config("config", config, exact=exact)
     lhs = not_differentiable("grouped_gemm", "lhs", jnp.asarray(lhs), NO_RULE)
@@ -195,18 +197,26 @@ def grouped_gemm(lhs, lhs_scale, rhs: W4Weights, group_offsets, *, precision=Non
     return grouped_gemm_unchecked(lhs, scale, rhs, group_offsets, exact=exact, impl=impl, config=config)
 
 
+def check_kernel_layout(name: str, weights: W4Weights, impl: str) -> None:
+    """Raise ValueError naming `name` when the CUDA path (impl == "cuda") cannot take these
+    weights: its kernels need group size 128 and N a multiple of 16 (ffi_cuda/kernel_limits.h);
+    the reference path takes any even group size and any N."""
+    if impl != "cuda":
+        return
+    limits = _backend.limits()
+    if weights.group_size != limits.group_size:
+        raise ValueError(f"{name}.group_size must be {limits.group_size} on the CUDA path, got {weights.group_size} "
+                         "(implementation='reference' takes any even group size)")
+    if weights.out_features % limits.row_alignment:
+        raise ValueError(f"{name}: N = {weights.out_features} output features must be a multiple of "
+                         f"{limits.row_alignment} on the CUDA path (implementation='reference' takes any N)")
+
+
 def grouped_gemm_unchecked(lhs: jax.Array, lhs_scale: jax.Array, rhs: W4Weights, group_offsets: jax.Array, *,
                            exact: bool, impl: str, config: str | None = None) -> jax.Array:
     """grouped_gemm for checked arguments (config included), int32 offsets and a resolved
     implementation."""
     rhs = jax.tree.map(jnp.asarray, rhs)  # host (numpy) weights, e.g. closed over under jit
-    if impl == "cuda":
-        limits = _backend.limits()
-        if rhs.group_size != limits.group_size:
-            raise ValueError(f"rhs.group_size must be {limits.group_size} on the CUDA path, got {rhs.group_size}")
-        if rhs.out_features % limits.row_alignment:
-            raise ValueError(f"rhs: N = {rhs.out_features} must be a multiple of {limits.row_alignment} "
-                             "on the CUDA path")
     if lhs.shape[0] * rhs.out_features == 0:  # no rows: no kernel launch (static shapes, jit-safe)
         return jnp.zeros((lhs.shape[0], rhs.out_features), jnp.bfloat16)
     if impl == "cuda":
