@@ -305,22 +305,27 @@ def test_kernel_layout_is_checked_per_argument(rng):
         check_kernel_layout("rhs", narrow, "cuda")
 
 
-@pytest.mark.gpu
-def test_kernel_layout_errors_name_the_argument_on_the_gpu(rng):
-    """moe, grouped_gemm and the multi-GPU layers on the CUDA path reject group size 64 before any
-    kernel runs, naming the argument the caller passed (w13, w2, rhs), not an internal name."""
-    p = kernel_layout_problem(rng, 64, 128)
+def test_kernel_layout_errors_name_the_argument(rng, monkeypatch):
+    """moe, grouped_gemm and the multi-GPU layers with the CUDA path chosen reject group size 64
+    before anything runs, naming the argument the caller passed (w13, w2, rhs). The check comes
+    before any kernel, so it is tested here with the CUDA path's choice forced on any machine."""
+    from w4afp8_jax import _backend
+
+    monkeypatch.setattr(_backend, "resolve", lambda implementation: "cuda")
+    p, good = kernel_layout_problem(rng, 64, 128), kernel_layout_problem(rng, 128, 128)
     with pytest.raises(ValueError, match=r"w13\.group_size must be 128 on the CUDA path, got 64"):
         call_moe(p, implementation="cuda")
     with pytest.raises(ValueError, match=r"w2\.group_size must be 128"):
-        call_moe({**p, "w13": kernel_layout_problem(rng, 128, 128)["w13"]}, implementation="cuda")
+        call_moe({**p, "w13": good["w13"]}, implementation="cuda")
     lhs = jnp.zeros((4, H), jnp.float8_e4m3fn)
     with pytest.raises(ValueError, match=r"rhs\.group_size must be 128"):
         w4.grouped_gemm(lhs, 1.0, p["w13"], jnp.asarray([0, 1, 2, 3, 4], jnp.int32), implementation="cuda")
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("ep",))
+    layer = (p["x"], p["topk_ids"], p["topk_weights"], p["w13"], p["w2"])
     with pytest.raises(ValueError, match=r"w13\.group_size must be 128"):
-        w4.moe_expert_parallel(p["x"], p["topk_ids"], p["topk_weights"], p["w13"], p["w2"], mesh=mesh,
-                               axis_name="ep", implementation="cuda")
+        w4.moe_expert_parallel(*layer, mesh=mesh, axis_name="ep", implementation="cuda")
+    with pytest.raises(ValueError, match=r"w13\.group_size must be 128"):
+        w4.moe_tensor_parallel(*layer, mesh=mesh, axis_name="ep", implementation="cuda")
 
 
 @pytest.mark.skipif(not w4.grouped_gemm_configs(), reason="the configuration names come from the CUDA module")
