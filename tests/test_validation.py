@@ -76,6 +76,10 @@ def test_moe_mismatched_shapes(rng, problem):
         call_moe(problem, w2=weights(rng, E, H, 2 * I))
     with pytest.raises(ValueError, match="w2"):  # w2 output features differ from H
         call_moe(problem, w2=weights(rng, E, H + 16, I))
+    with pytest.raises(ValueError, match="w13 and w2 look swapped"):
+        call_moe(problem, w13=problem["w2"], w2=problem["w13"])
+    with pytest.raises(ValueError, match=r"x has H = 384$"):  # a plain mismatch gets no such hint
+        call_moe(problem, x=jnp.ones((M, H + 128), jnp.bfloat16))
 
 
 @pytest.mark.parametrize("arg", ["a1_scale", "a2_scale"])

@@ -39,7 +39,9 @@ def check_moe_args(x, topk_ids, topk_weights, w13, w2, impl: str) -> None:
     if w13.num_experts != w2.num_experts:
         raise ValueError(f"w13 has {w13.num_experts} experts but w2 has {w2.num_experts}")
     if w13.in_features != h:
-        raise ValueError(f"w13 expects H = {w13.in_features} input features but x has H = {h}")
+        swapped = w13.out_features == h and w2.in_features == h
+        raise ValueError(f"w13 expects H = {w13.in_features} input features but x has H = {h}"
+                         + (" (w13 and w2 look swapped: w13 is [E, 2I, H], w2 [E, H, I])" if swapped else ""))
     if w13.out_features % 2:
         raise ValueError(f"w13 must have 2*I rows (gate then up), got {w13.out_features}")
     inter = w13.out_features // 2
