@@ -224,21 +224,25 @@ def moe(x, topk_ids, topk_weights, w13_packed, w13_scales, w2_packed, w2_scales,
 
 def moe_one_q2_flip(token: int, im: dict, topk_weights, w2_packed, w2_scales, group_size: int = 128,
                     routed_scaling_factor: float = 1.0):
-    """Yield bf16 [I, H] per kept slot of `token`: its output row when one code of that slot's q2
-    row takes the other rounding of h / a2 (the neighbouring fp8 value on the other side of it),
-    one candidate row per code. im: moe's intermediates.
+    """Yield bf16 [I, H] per expert that `token` keeps: its output row when one code of that
+    expert's q2 row takes the other rounding of h / a2 (the neighbouring fp8 value on the other
+    side of it), one candidate row per code. Slots naming the same expert hold the same
+    computation, so the code moves in all of them. im: moe's intermediates.
 
     An implementation that accumulates a GEMM in f32 rather than float64 can move a c1 value by
     one bf16 ulp, and that moves a q2 code when h / a2 lies that close to a rounding boundary:
     a legitimate difference that changes the token's whole output row slightly (tests/test_moe.py).
     """
-    q2, h, s2 = im["q2"], im["h"], im["s2"]
+    q2, h, s2, c2 = im["q2"], im["h"], im["s2"], im["c2"].astype(np.float64)
     positions, offsets = im["positions"], im["offsets"]
     w = np.asarray(topk_weights, np.float64)[token]
-    kept = [(j, int(p)) for j, p in enumerate(positions[token]) if p >= 0]
-    acc = sum(w[j] * im["c2"][p].astype(np.float64) for j, p in kept)
-    for j, p in kept:
-        expert = int(np.searchsorted(offsets, p, side="right") - 1)
+    slots = {}  # expert -> [(slot, position)]
+    for j, p in enumerate(positions[token]):
+        if p >= 0:
+            slots.setdefault(int(np.searchsorted(offsets, p, side="right") - 1), []).append((j, int(p)))
+    acc = sum(w[j] * c2[p] for same in slots.values() for j, p in same)
+    for expert, same in slots.items():
+        p = same[0][1]
         v = (h[p].astype(np.float32) / s2).astype(np.float64)
         q = q2[p].astype(np.float64)
         step = np.sign(v - q) * (np.abs(q) < FP8_MAX)  # toward v; a saturated code has no other side
@@ -247,7 +251,8 @@ def moe_one_q2_flip(token: int, im: dict, topk_weights, w2_packed, w2_scales, gr
         dq = np.where(step != 0, bits.view(FP8).astype(np.float64) - q, 0.0)  # [I]
         w2 = dequantize(np.asarray(w2_packed[expert]), np.asarray(w2_scales[expert]), group_size)  # [H, I]
         c2_alt = to_bf16(im["c2_exact"][p][None, :] + (dq * float(s2))[:, None] * w2.T).astype(np.float64)
-        yield to_bf16(routed_scaling_factor * (acc + w[j] * (c2_alt - im["c2"][p].astype(np.float64))))
+        weight = sum(w[j] for j, _ in same)
+        yield to_bf16(routed_scaling_factor * (acc + weight * (c2_alt - c2[p])))
 
 
 # ---------------------------------------------------------------------------------------------
