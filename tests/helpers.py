@@ -142,16 +142,16 @@ def assert_fp8_close(got, want, max_flip_rate=1e-3):
 
 
 class Model:
-    """The float64 model's layer output `out` and, per token, the output rows that one q2 flip
-    would give (tests/test_moe.py's docstring)."""
+    """The float64 model's layer output `out`, its `intermediates` (numpy_model.moe) and, per
+    token, the output rows that one q2 flip would give (tests/test_moe.py's docstring)."""
 
     def __init__(self, x, ids, weights, p13, s13, p2, s2, gs=128, routed_scaling_factor=1.0, **scales):
-        self.out, self._im = ref.moe(x, ids, weights, p13, s13, p2, s2, gs, routed_scaling_factor=routed_scaling_factor,
+        self.out, self.intermediates = ref.moe(x, ids, weights, p13, s13, p2, s2, gs, routed_scaling_factor=routed_scaling_factor,
                                      return_intermediates=True, **scales)
         self._flip_args = (weights, p2, s2, gs, routed_scaling_factor)
 
     def one_q2_flip(self, token):
-        return ref.moe_one_q2_flip(token, self._im, *self._flip_args)
+        return ref.moe_one_q2_flip(token, self.intermediates, *self._flip_args)
 
 
 def within_ulp(got, want):

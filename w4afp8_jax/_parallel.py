@@ -14,7 +14,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from . import _backend
 from ._validate import check_static_scale
 from .fp8 import finite_amax, scale_from_amax
 from .ops.combine import check_routed_scaling_factor, combine_f32
@@ -80,7 +79,7 @@ def sum_shares(partial: jax.Array, axis_name: str, *, token_sharded: bool) -> ja
 
 
 def layer_settings(x, *, size: int, axis_name: str, token_sharded: bool, a1_scale, a2_scale, precision,
-                   routed_scaling_factor, implementation) -> dict:
+                   routed_scaling_factor, impl: str) -> dict:
     """The checked keyword arguments of `partial_layer` that both multi-GPU layers take from
     their callers (raises ValueError for uneven token splits and bad scales)."""
     num_tokens = np.shape(x)[0]
@@ -90,7 +89,7 @@ def layer_settings(x, *, size: int, axis_name: str, token_sharded: bool, a1_scal
     check_precision(precision)
     return dict(a1_scale=check_static_scale("a1_scale", a1_scale), a2_scale=check_static_scale("a2_scale", a2_scale),
                 routed_scaling_factor=check_routed_scaling_factor(routed_scaling_factor), precision=precision,
-                impl=_backend.resolve(implementation))
+                impl=impl)
 
 
 def empty_output(x) -> jax.Array:

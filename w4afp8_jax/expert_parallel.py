@@ -119,7 +119,8 @@ def moe_expert_parallel(x, topk_ids, topk_weights, w13: W4Weights, w2: W4Weights
     Raises ValueError for a mesh without `axis_name`, uneven splits of M (token_sharded) or E,
     an unknown dispatch, or bad scales; TypeError for wrong types.
     """
-    check_moe_args(x, topk_ids, topk_weights, w13, w2, _backend.resolve(implementation))
+    impl = _backend.resolve(implementation)
+    check_moe_args(x, topk_ids, topk_weights, w13, w2, impl)
     num_shards = axis_size(mesh, axis_name)
     if dispatch not in DISPATCHES:
         raise ValueError(f"dispatch must be one of {DISPATCHES}, got {dispatch!r}")
@@ -128,7 +129,7 @@ def moe_expert_parallel(x, topk_ids, topk_weights, w13: W4Weights, w2: W4Weights
                          'sent P times); use dispatch="all_gather"')
     layer = layer_settings(x, size=num_shards, axis_name=axis_name, token_sharded=token_sharded, a1_scale=a1_scale,
                            a2_scale=a2_scale, precision=precision, routed_scaling_factor=routed_scaling_factor,
-                           implementation=implementation)
+                           impl=impl)
     num_experts = w13.num_experts
     if num_experts % num_shards:
         raise ValueError(f"w13: {num_experts} experts do not split evenly over {num_shards} shards of {axis_name!r}")

@@ -140,11 +140,11 @@ def moe_tensor_parallel(x, topk_ids, topk_weights, w13: W4Weights, w2: W4Weights
     local = lambda w, n: W4Weights(jax.ShapeDtypeStruct((w.num_experts, n, w.packed.shape[-1]), w.packed.dtype),
                                    jax.ShapeDtypeStruct((w.num_experts, n, w.scales.shape[-1]), w.scales.dtype),
                                    w.group_size, w.layout)
-    check_moe_args(x, topk_ids, topk_weights, local(w13, w13.out_features // size), local(w2, hidden),
-                   _backend.resolve(implementation))
+    impl = _backend.resolve(implementation)
+    check_moe_args(x, topk_ids, topk_weights, local(w13, w13.out_features // size), local(w2, hidden), impl)
     layer = layer_settings(x, size=size, axis_name=axis_name, token_sharded=token_sharded, a1_scale=a1_scale,
                            a2_scale=a2_scale, precision=precision, routed_scaling_factor=routed_scaling_factor,
-                           implementation=implementation)
+                           impl=impl)
     if np.shape(x)[0] == 0:
         return empty_output(x)
 
