@@ -19,11 +19,12 @@ EXPERT = "model.layers.{}.mlp.experts.{}.{}"
 
 
 def write_checkpoint(path, rng, *, layers=MOE_LAYERS, experts=E, hidden=H, inter=INTER, act_scales=True,
-                     up_first=False, shared_inter=None, router_bias=True):
+                     up_first=False, shared_inter=None, router_bias=True, input_scales=None):
     """A tiny DeepSeek-V3-style W4AFP8 checkpoint: a dense layer 0 (FP8 with block scales), routed
     experts in layers `layers` spread over two shards (layer by layer), act_scales.safetensors,
     the index and hf_quant_config.json; with shared_inter, an FP8 block-scaled shared expert of
-    that intermediate size per MoE layer. Returns the tensors written, by name."""
+    that intermediate size per MoE layer. input_scales: (w1/w3, w2) input scales of each expert,
+    the same in every layer (None: random ones). Returns the tensors written, by name."""
     path.mkdir(parents=True, exist_ok=True)
     shards = [{}, {}]
     shards[0]["model.embed_tokens.weight"] = rng.standard_normal((32, hidden)).astype(ml_dtypes.bfloat16)
@@ -48,8 +49,9 @@ def write_checkpoint(path, rng, *, layers=MOE_LAYERS, experts=E, hidden=H, inter
                 name = EXPERT.format(layer, e, proj + "_proj")
                 shard[name + ".weight"] = rng.integers(-128, 128, size=(n, k // 2), dtype=np.int8)
                 shard[name + ".weight_scale_inv"] = (rng.random((n, k // 128)) * 0.01 + 1e-4).astype(np.float32)
-            a13 = np.float32(rng.random() * 0.01 + 1e-3)
-            for gemm, v in (("w1", a13), ("w3", a13), ("w2", rng.random() * 0.02 + 1e-3)):
+            a13, a2 = (rng.random() * 0.01 + 1e-3, rng.random() * 0.02 + 1e-3) if input_scales is None else \
+                input_scales[e]
+            for gemm, v in (("w1", a13), ("w3", a13), ("w2", a2)):
                 scales[EXPERT.format(layer, e, gemm) + ".input_scale"] = np.asarray([v], np.float32)
     weight_map = {}
     for i, shard in enumerate(shards):
@@ -69,7 +71,8 @@ def write_checkpoint(path, rng, *, layers=MOE_LAYERS, experts=E, hidden=H, inter
 
 
 def expected(tensors, layers, experts, tp_size=1, tp_rank=0, inter=INTER):
-    """The loader's result assembled by hand from the tensors written (numpy slicing)."""
+    """The loader's result assembled by hand from the tensors written (numpy slicing); the
+    activation scales are the max over all of a layer's experts, whichever are loaded."""
     local = inter // tp_size
     rows = slice(tp_rank * local, (tp_rank + 1) * local)
 
@@ -84,7 +87,11 @@ def expected(tensors, layers, experts, tp_size=1, tp_rank=0, inter=INTER):
                              for e in experts]) for l in layers]).view(np.uint8)
     s2 = np.stack([np.stack([t(l, e, "down", "weight_scale_inv")[:, tp_rank * local // 128:(tp_rank + 1) * local // 128]
                              for e in experts]) for l in layers])
-    act = lambda l, g: [float(tensors[EXPERT.format(l, e, g) + ".input_scale"][0]) for e in experts]  # noqa: E731
+
+    def act(layer, gemm):
+        prefix, suffix = f"model.layers.{layer}.mlp.experts.", f".{gemm}.input_scale"
+        return [float(v[0]) for k, v in tensors.items() if k.startswith(prefix) and k.endswith(suffix)]
+
     a1 = np.asarray([max(act(l, "w1") + act(l, "w3")) for l in layers], np.float32)
     a2 = np.asarray([max(act(l, "w2")) for l in layers], np.float32)
     return p13, s13, p2, s2, a1, a2
@@ -150,6 +157,83 @@ def test_sharded_placement_reads_each_devices_block(rng, tmp_path):
     assert_loaded(got, expected(tensors, [1, 2], range(E)))
     with pytest.raises(ValueError, match="whole 16-row tiles and every column"):
         w4.load_moe_experts(tmp_path, sharding=NamedSharding(mesh, P(None, None, None, "rows")), progress=False)
+
+
+# The issue's layer: per-expert w1/w3 input scales 0.005 .. 0.04 and w2's 0.002 .. 0.016, so
+# experts [0, 1] alone have a max of 0.01 / 0.004 where the layer's is 0.04 / 0.016.
+ISSUE_SCALES = [(0.005, 0.002), (0.01, 0.004), (0.02, 0.008), (0.04, 0.016)]
+
+
+def test_activation_scales_do_not_depend_on_the_split(rng, tmp_path):
+    """Every expert subset (in any order), tensor-parallel rank and sharding loads the full
+    load's per-layer scales: the max over all of the layer's experts."""
+    write_checkpoint(tmp_path, rng, input_scales=ISSUE_SCALES)
+    full = w4.load_moe_experts(tmp_path, progress=False)
+    np.testing.assert_array_equal(np.asarray(full.a1_scale), np.float32([0.04] * len(MOE_LAYERS)))
+    np.testing.assert_array_equal(np.asarray(full.a2_scale), np.float32([0.016] * len(MOE_LAYERS)))
+    loads = {f"expert_ids={ids}": dict(expert_ids=ids) for ids in ([0, 1], [2, 3], [1], [3, 0])}
+    loads.update({f"tp_rank={r}": dict(tp_size=2, tp_rank=r) for r in range(2)})
+    loads["tp_rank=1, expert_ids=[0]"] = dict(tp_size=2, tp_rank=1, expert_ids=[0])
+    devices = jax.devices("cpu")[:2]
+    if len(devices) == 2:
+        mesh = Mesh(np.array(devices), ("ep",))
+        loads["sharding=P(None, 'ep')"] = dict(sharding=NamedSharding(mesh, P(None, "ep")))
+        loads["sharding=P(None, 'ep'), expert_ids=[0, 1]"] = dict(sharding=NamedSharding(mesh, P(None, "ep")),
+                                                                  expert_ids=[0, 1])
+        loads["sharding=callable, expert_ids=[1]"] = dict(sharding=lambda name, shape: NamedSharding(mesh, P()),
+                                                          expert_ids=[1])
+    for what, kwargs in loads.items():
+        got = w4.load_moe_experts(tmp_path, progress=False, **kwargs)
+        for name in ("a1_scale", "a2_scale"):
+            np.testing.assert_array_equal(np.asarray(getattr(got, name)), np.asarray(getattr(full, name)),
+                                          err_msg=f"{name} of the load with {what}")
+
+
+def test_expert_parallel_ranks_sum_to_the_one_device_layer(rng, tmp_path):
+    """Two expert-parallel ranks (experts [0, 1] and [2, 3], each loaded on its own) run the
+    reference layer on their own experts (the other slots dropped); the f32 sum of their bf16
+    outputs r0 + r1 is the one-device layer's output y.
+
+    Bound: each (token, slot) row goes through the same f32 math on its rank, with the same
+    static scales, so only the bf16 roundings of r0, r1 and y differ (unit roundoff 2^-8 each):
+    |r0 + r1 - y| <= 2^-8 (|r0| + |r1| + |y|) element-wise, hence normwise too (triangle
+    inequality), about 9.4e-3 of ||y|| here (measured: about 2e-3, and no element past its
+    element-wise bound). The normwise form leaves room for a few fp8 code flips of h should the
+    reference GEMM's f32 summation order ever depend on the row batch. With each rank's own
+    max scales the first rank saturates every |x| > 448 * 0.01 = 4.48 that the one-device layer
+    keeps: 0.38 relative error."""
+    write_checkpoint(tmp_path, rng, input_scales=ISSUE_SCALES)
+    tokens, top_k = 32, 2
+    x = jnp.asarray(rng.standard_normal((tokens, H)) * 4, jnp.bfloat16)  # many |x| > 4.48
+    ids = np.stack([rng.choice(E, top_k, replace=False) for _ in range(tokens)]).astype(np.int32)
+    tw = rng.random((tokens, top_k)).astype(np.float32)
+
+    def layer(experts, ids, i):
+        return w4.moe(x, jnp.asarray(ids), tw, experts.w13.layer(i), experts.w2.layer(i),
+                      a1_scale=experts.a1_scale[i], a2_scale=experts.a2_scale[i], routed_scaling_factor=2.5,
+                      implementation="reference").astype(jnp.float32)
+
+    full = w4.load_moe_experts(tmp_path, progress=False)
+    ranks = [(w4.load_moe_experts(tmp_path, expert_ids=list(own), progress=False), own) for own in ([0, 1], [2, 3])]
+    for i in range(len(MOE_LAYERS)):
+        want = np.asarray(layer(full, ids, i))
+        # a rank's local expert ids; slots on the other rank's experts are dropped (id = 2)
+        parts = [np.asarray(layer(experts, np.where(np.isin(ids, own), ids - own[0], len(own)), i))
+                 for experts, own in ranks]
+        assert np.linalg.norm(want) > 0 and all(np.linalg.norm(p) > 0 for p in parts)
+        err = np.linalg.norm(sum(parts) - want)
+        bound = 2.0**-8 * (sum(np.linalg.norm(p) for p in parts) + np.linalg.norm(want))
+        assert err <= bound, f"layer {MOE_LAYERS[i]}: the ranks' sum is {err:.3g} off (normwise), bound {bound:.3g}"
+
+
+def test_expert_subset_needs_every_experts_input_scale(rng, tmp_path):
+    """A checkpoint holding the input scales of only the loaded experts cannot give the layer's
+    scales: a KeyError names the first missing one, not a smaller max."""
+    tensors = write_checkpoint(tmp_path, rng)
+    save_file({k: v for k, v in tensors.items() if k.endswith("input_scale") and ".experts.2." not in k
+               and ".experts.3." not in k}, tmp_path / "act_scales.safetensors")
+    with pytest.raises(KeyError, match=r"layers\.1\.mlp\.experts\.2\.w1\.input_scale not found.*all of its 4 experts"):
+        w4.load_moe_experts(tmp_path, expert_ids=[0, 1], progress=False)
 
 
 def test_loaded_layers_scan_through_moe(rng, tmp_path):

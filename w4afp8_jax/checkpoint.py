@@ -8,7 +8,8 @@ quantization; SGLang loads it as `w4afp8`), per MoE layer L and routed expert e:
 - `....{gate,up,down}_proj.weight_scale_inv`: f32 [N, K/128], a multiplier despite its name
   (w = int4 * scale).
 - `model.layers.{L}.mlp.experts.{e}.{w1,w3,w2}.input_scale`: f32 [1] static activation scales
-  (amax / 448) of the gate, up and down inputs, in the side file `act_scales.safetensors`.
+  (amax / 448) of the gate, up and down inputs, in the side file `act_scales.safetensors`; a
+  layer's scale per GEMM is the max over all of its experts.
 - `model.safetensors.index.json` maps every tensor name to its shard file;
   `hf_quant_config.json` says {"quantization": {"quant_algo": "MIXED_PRECISION"}}.
 
@@ -162,9 +163,10 @@ class MoEExperts:
 
     w13: W4Weights [L, E, 2I, H] (gate rows, then up rows); w2: W4Weights [L, E, H, I].
     a1_scale, a2_scale: f32 [L], the static fp8 scales of the GEMM1 and GEMM2 inputs (per layer,
-        the max over the loaded experts of the checkpoint's w1/w3 and w2 input scales, as SGLang
-        does), or None when the checkpoint has no activation scales (`moe` then computes dynamic
-        scales).
+        the max over all of the layer's experts of the checkpoint's w1/w3 and w2 input scales,
+        as SGLang and vLLM take them: the same for every expert subset, tensor-parallel rank and
+        sharding, so splitting a layer never changes its numbers), or None when the checkpoint
+        has no activation scales (`moe` then computes dynamic scales).
     layers: static; the checkpoint's layer ids, in the order of the leading axis.
 
     A registered pytree: `jax.lax.scan(f, x, experts)` hands `f` one layer (w13 [E, 2I, H],
@@ -272,8 +274,15 @@ def load_moe_experts(path: str | os.PathLike, *, layers: Iterable[int] | None = 
         terminal.
 
     Returns a MoEExperts (w13 [L, E, 2I/P, H], w2 [L, E, H, I/P], a1_scale and a2_scale f32 [L]
-    or None). Raises KeyError naming a missing tensor, ValueError / TypeError naming a tensor of
-    the wrong shape or dtype, before reading any weight bytes.
+    or None). The activation scales are those of a full load whatever expert_ids, tp_size,
+    tp_rank and sharding are: per layer, the max over every one of the layer's experts (loaded
+    or not) of the w1/w3 input scales (a1_scale) and of the w2 input scales (a2_scale); a rank
+    that took only its own experts' max would saturate inputs the one-device layer keeps. So a
+    checkpoint with input scales needs them for every expert, also where its weight files hold
+    only some experts.
+    Raises KeyError naming a missing tensor (an input scale of any expert included, when the
+    checkpoint holds some), ValueError / TypeError naming a tensor of the wrong shape or dtype,
+    before reading any weight bytes.
     """
     ckpt = Checkpoint(path)
     quant_config = ckpt.path / QUANT_CONFIG_FILE
@@ -318,7 +327,7 @@ def load_moe_experts(path: str | os.PathLike, *, layers: Iterable[int] | None = 
             for proj, (n, k) in shapes.items():
                 _expect(ckpt, key(layer, expert, proj), (n, k // 2), "packed")
                 _expect(ckpt, key(layer, expert, proj, "weight_scale_inv"), (n, k // GROUP_SIZE), "float")
-    a1, a2 = _activation_scales(ckpt, layer_ids, experts)
+    a1, a2 = _activation_scales(ckpt, layer_ids, num_experts)
 
     if progress is None:
         progress = sys.stderr.isatty()
@@ -406,18 +415,21 @@ def _as_stored(block: np.ndarray) -> np.ndarray:
     return block if block.dtype == np.uint8 else block.astype(np.float32)
 
 
-def _activation_scales(ckpt: Checkpoint, layer_ids, experts):
-    """(a1 [L], a2 [L]) f32 as the max over the loaded experts, or (None, None) when the
-    checkpoint has no input scales at all."""
-    names = {gemm: [[INPUT_SCALE.format(layer=layer, expert=e, gemm=gemm) for e in experts] for layer in layer_ids]
-             for gemm in ("w1", "w3", "w2")}
+def _activation_scales(ckpt: Checkpoint, layer_ids, num_experts: int):
+    """(a1 [L], a2 [L]) f32 as the max over all `num_experts` experts of each layer (not only
+    the loaded ones, so that expert parallelism never changes a layer's numbers), or
+    (None, None) when the checkpoint has no input scales at all."""
+    names = {gemm: [[INPUT_SCALE.format(layer=layer, expert=e, gemm=gemm) for e in range(num_experts)]
+                    for layer in layer_ids] for gemm in ("w1", "w3", "w2")}
     if not any(n in ckpt for rows in names.values() for row in rows for n in row):
         return None, None
 
     def value(name):
-        if name not in ckpt:
-            raise KeyError(f"tensor {name} not found in {ckpt.path} (other input scales are there)")
-        v = np.asarray(ckpt.tensor(name), np.float64)
+        try:
+            v = np.asarray(ckpt.tensor(name), np.float64)
+        except KeyError as err:  # missing from the index or from the file it names
+            raise KeyError(f"{err.args[0]}; other input scales are there, and a layer's activation scales are the "
+                           f"max over all of its {num_experts} experts' input scales, loaded experts or not") from None
         if v.size != 1:
             raise ValueError(f"{name}: expected one value (shape [1]), got shape {list(v.shape)}")
         v = float(v.reshape(()))
