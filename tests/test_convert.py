@@ -3,6 +3,10 @@ here, against float64 math written from the recipe: w = fp8 * block scale, scale
 per 128 inputs, q = clamp(round_half_even(w / scale), -8, 7); input scales = amax / 448."""
 
 import json
+import os
+import re
+import subprocess
+import sys
 
 import ml_dtypes
 import numpy as np
@@ -129,11 +133,12 @@ def test_convert_matches_float64_recipe(rng, tmp_path, fp8):
                                               got[EXPERT.format(1, 3, "gate", "weight_scale_inv")], 128), rtol=2**-24)
 
 
-def test_calibration_writes_routed_amax_over_448(rng, tmp_path):
+def test_calibration_writes_routed_amax_over_448(rng, tmp_path, capsys):
     src = write_source(tmp_path / "src", rng)
     inputs = {layer: rng.standard_normal((12, H)).astype(np.float32) * (layer + 1) for layer in MOE_LAYERS}
     np.savez(tmp_path / "calib.npz", **{f"layers.{layer}": x for layer, x in inputs.items()})
     main([str(tmp_path / "src"), str(tmp_path / "dst"), "--calibration", str(tmp_path / "calib.npz"), "--no-progress"])
+    assert capsys.readouterr().out.endswith("; static activation scales in act_scales.safetensors\n")
     scales = SafetensorsFile(tmp_path / "dst" / "act_scales.safetensors")
     for layer, x in inputs.items():
         x = x.astype(np.float64)
@@ -184,3 +189,33 @@ def test_cli_user_errors_are_one_line(rng, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("python -m w4afp8_jax.convert: error: dst: ") and "exists and is not empty" in err
     assert "Traceback" not in err
+
+
+def test_cli_prints_a_summary_without_a_terminal(rng, tmp_path):
+    """With stderr not a terminal (so no progress bar) the command still says what it wrote:
+    one line on stdout naming dst, the layers, experts and tensors, and the missing scales."""
+    src = write_source(tmp_path / "src", rng)
+    dst = tmp_path / "dst"
+    done = subprocess.run([sys.executable, "-m", "w4afp8_jax.convert", str(tmp_path / "src"), str(dst)],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ, check=False)
+    assert done.returncode == 0, done.stderr
+    copied = sum(".mlp.experts." not in name for name in src)
+    size = sum(os.path.getsize(dst / f"model-{i}.safetensors") for i in range(2)) / 2**20  # headers: < 0.1 MiB
+    assert re.fullmatch(rf"wrote W4AFP8 checkpoint {re.escape(str(dst))}: 2 MoE layers \(1-2\), {2 * E} routed "
+                        rf"experts, {2 * E * 3} expert weights \(float8_e4m3fn\) quantized to int4, {copied} other "
+                        rf"tensors copied, 2 files, ([0-9.]+) MiB; no activation scales \(dynamic at run time; "
+                        r"--calibration writes static ones\)\n", done.stdout), done.stdout
+    assert abs(float(re.search(r"([0-9.]+) MiB", done.stdout)[1]) - size) < 0.1
+    assert (dst / "hf_quant_config.json").exists()
+
+
+def test_cli_help_names_the_source_tensors(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for name in ("model.layers.{L}.mlp.experts.{e}.{gate,up,down}_proj.weight",
+                 "model.layers.{L}.mlp.experts.{e}.{gate,up,down}_proj.weight_scale_inv", "FP8 e4m3", "bf16",
+                 "model.layers.{L}.mlp.gate.weight", "model.layers.{L}.mlp.gate.e_score_correction_bias",
+                 "model.layers.{L}.mlp.experts.{e}.{w1,w3,w2}.input_scale"):
+        assert name in out, name

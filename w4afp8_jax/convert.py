@@ -5,12 +5,13 @@
 Only the routed experts' gate/up/down weights change (see `convert`); every other tensor is
 copied unchanged, shard by shard under the same file names; the index is rewritten and
 `hf_quant_config.json` added, the layout `w4afp8_jax.load_moe_experts` (and SGLang's w4afp8
-loader) reads.
+loader) reads. The command prints a one-line summary of what it wrote (`ConversionSummary`).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -33,6 +34,23 @@ from .weights import INT4_MAX, INT4_MIN, pack_int4
 FP8_MAX = 448.0
 BLOCK = 128  # DeepSeek-V3's FP8 weights: one weight_scale_inv per 128 x 128 block
 _EXPERT_TENSOR_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.(weight|weight_scale_inv)$")
+_ROUTED = EXPERT_WEIGHT.format(layer="{L}", expert="{e}", proj="{gate,up,down}", tensor="")
+_ROUTER = "model.layers.{L}.mlp.gate."
+# --help's list of what the converter reads and writes (the names come from the patterns above).
+_TENSORS_HELP = f"""\
+source tensors read (per MoE layer L, routed expert e):
+  {_ROUTED}weight
+      bf16 / f16 / f32 [N, K], or FP8 e4m3 [N, K] (DeepSeek-V3's format) with
+  {_ROUTED}weight_scale_inv
+      f32 [ceil(N/128), ceil(K/128)], one multiplier per 128 x 128 block
+  with --calibration also the router: {_ROUTER}weight [E, H] and
+  {_ROUTER}e_score_correction_bias [E] (zeros when absent), and config.json's
+  n_routed_experts, num_experts_per_tok, n_group, topk_group
+written: the same names, int8 [N, K/2] (two int4 per byte) and f32 weight_scale_inv [N, K/128]
+  (scale = amax / 7 per 128 inputs); with --calibration, {ACT_SCALES_FILE} with
+  {INPUT_SCALE.format(layer="{L}", expert="{e}", gemm="{w1,w3,w2}")} f32 [1];
+  every other tensor and file is copied unchanged
+"""
 
 
 def check_source_weight(ckpt: Checkpoint, name: str) -> None:
@@ -127,8 +145,39 @@ def calibrate(ckpt: Checkpoint, layer: int, inputs, num_experts: int, config: Ma
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class ConversionSummary:
+    """What `convert` wrote; str() is the command's one-line report.
+
+    dst: the new checkpoint directory. layers: {MoE layer: routed experts}. quantized: routed-
+    expert weights made int4; source_dtypes: their dtypes in the source (names, e.g.
+    "float8_e4m3fn"). copied: other tensors copied unchanged. files: .safetensors files
+    written. size: bytes of tensor data written. act_scales: whether `act_scales.safetensors`
+    (static input scales, from calibration) was written.
+    """
+
+    dst: Path
+    layers: dict[int, int]
+    quantized: int
+    source_dtypes: tuple[str, ...]
+    copied: int
+    files: int
+    size: int
+    act_scales: bool
+
+    def __str__(self) -> str:
+        ids = list(self.layers)
+        span = f"{ids[0]}-{ids[-1]}" if ids == list(range(ids[0], ids[-1] + 1)) else ", ".join(map(str, ids))
+        scales = (f"static activation scales in {ACT_SCALES_FILE}" if self.act_scales else
+                  "no activation scales (dynamic at run time; --calibration writes static ones)")
+        return (f"wrote W4AFP8 checkpoint {self.dst}: {len(ids)} MoE layers ({span}), "
+                f"{sum(self.layers.values())} routed experts, {self.quantized} expert weights "
+                f"({'/'.join(self.source_dtypes)}) quantized to int4, {self.copied} other tensors copied, "
+                f"{self.files} files, {self.size / 2**20:.1f} MiB; {scales}")
+
+
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, calibration: Mapping[int, np.ndarray] | None = None,
-            progress: bool | None = None) -> None:
+            progress: bool | None = None) -> ConversionSummary:
     """Writes the W4AFP8 version of checkpoint directory `src` into the new directory `dst`.
 
     Routed-expert weights `model.layers.{L}.mlp.experts.{e}.{gate,up,down}_proj.weight` (bf16,
@@ -146,6 +195,11 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, calibration: Mapp
         `load_moe_experts` returns a1_scale = a2_scale = None and `moe` computes dynamic
         per-tensor scales (amax / 448 of each GEMM input, on the device, per call).
     progress: a tqdm bar over the expert weights; None shows it when stderr is a terminal.
+
+    Returns a ConversionSummary. Raises (before writing anything) FileExistsError when dst is
+    not empty, KeyError naming a missing tensor, TypeError / ValueError naming a source weight
+    of the wrong dtype or shape or a calibration without inputs for some MoE layer; ValueError
+    naming a weight with non-finite values while converting.
     """
     ckpt = Checkpoint(src)
     dst = Path(dst)
@@ -172,7 +226,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, calibration: Mapp
 
     files = sorted(set(ckpt.weight_map.values()) - {ACT_SCALES_FILE})
     weight_map: dict[str, str] = {}
-    total_size = 0
+    total_size = copied = 0
     with tqdm(total=len(expert_weights), desc="quantizing routed experts", unit="tensor", disable=not progress) as bar:
         for file_name in files:
             file: SafetensorsFile = ckpt.file(file_name)
@@ -186,6 +240,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, calibration: Mapp
                     bar.update(1)
                 else:
                     out[name] = np.ascontiguousarray(file.tensor(name))
+                    copied += 1
             save_file(out, dst / file_name)
             weight_map.update(dict.fromkeys(out, file_name))
             total_size += sum(a.nbytes for a in out.values())
@@ -210,6 +265,10 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, calibration: Mapp
         skip = {INDEX_FILE, QUANT_CONFIG_FILE, ACT_SCALES_FILE, "config.json", *files}
         if path.is_file() and path.name not in skip and not path.name.endswith(".safetensors"):
             shutil.copy2(path, dst / path.name)
+    return ConversionSummary(dst=dst, layers=layers, quantized=len(expert_weights),
+                             source_dtypes=tuple(sorted({str(ckpt.dtype(n)) for n in expert_weights})),
+                             copied=copied, files=len(set(weight_map.values())), size=total_size,
+                             act_scales=calibration is not None)
 
 
 def _read_calibration(path: str) -> dict[int, np.ndarray]:
@@ -230,7 +289,8 @@ def _read_calibration(path: str) -> dict[int, np.ndarray]:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m w4afp8_jax.convert", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m w4afp8_jax.convert", description=__doc__.splitlines()[0],
+                                epilog=_TENSORS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", help="checkpoint directory (bf16 or FP8 block-scaled, safetensors)")
     p.add_argument("dst", help="new directory for the W4AFP8 checkpoint")
     p.add_argument("--calibration", help="a .safetensors or .npz file with the MoE-block inputs of every MoE layer, "
@@ -240,10 +300,12 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     try:
         with jax.default_device(jax.devices("cpu")[0]):
-            convert(args.src, args.dst, calibration=_read_calibration(args.calibration) if args.calibration else None,
-                    progress=False if args.no_progress else None)
+            summary = convert(args.src, args.dst,
+                              calibration=_read_calibration(args.calibration) if args.calibration else None,
+                              progress=False if args.no_progress else None)
     except (OSError, KeyError, TypeError, ValueError) as e:  # the checks' messages name the tensor or path
         p.exit(1, f"{p.prog}: error: {e.args[0] if isinstance(e, KeyError) and e.args else e}\n")
+    print(summary)  # on stdout, whether or not a progress bar showed on stderr
 
 
 if __name__ == "__main__":
