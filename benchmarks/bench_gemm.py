@@ -117,6 +117,8 @@ def run_ours(args, impl, problems, gemm, key, rates, result):
               + f", floor {row['floor_us']:.1f} us"
               + (f", best config {row['best_config']} {row['best_us']:.1f} us" if "best_us" in row else ""),
               flush=True)
+        if swept:
+            print("    sweep: " + ", ".join(f"{c} {reports.fmt(t)}" for c, t in row["sweep_us"].items()), flush=True)
 
 
 def run_seed(args, seed, problems, gemm, key, result):

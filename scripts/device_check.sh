@@ -13,11 +13,11 @@
 #             (a package + module of an earlier commit, with its own benchmarks/)
 #   layer     the kernels of one decode layer (B = 1 and 20) with their kernel-only times
 #   envab     bench_decode.py once per variant in ENVAB (environment and arguments; default PDL off | on)
-#   bench     bench_decode.py and bench_gemm.py (BENCH_GEMM_BATCHES), JSON and PNG
+#   bench     bench_decode.py and bench_gemm.py (BENCH_GEMM_BATCHES), JSON and PNG; bench_decode
+#             or bench_gemm runs one of them
 #   multi     the multi-GPU tests and bench_multi_gpu.py (needs 2+ GPUs)
 # Each phase has a time limit (PHASE_LIMIT seconds, default 300). The CUDA module is built here
-# when w4afp8_jax/ holds none (carry a build made for Python 3.12 and jax 0.11.2 to skip that);
-# the seed's library is read from .peers/sgl_w4a8 (carry it).
+# first; the seed's library is read from .peers/sgl_w4a8 (carry it).
 set -uo pipefail
 OUT=${OUT:-/tmp/w4afp8_out}
 AUX=${AUX:-/tmp/w4afp8_aux}
@@ -34,13 +34,13 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 note "$(nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader)"
-if ! ls w4afp8_jax/_w4afp8_cuda*.so >/dev/null 2>&1; then
-  start=$(date +%s)
-  cmake -S . -B build/device -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE="$(command -v python3)" >"$AUX/build.log" 2>&1 &&
-    cmake --build build/device -j16 >>"$AUX/build.log" 2>&1 || { tail -50 "$AUX/build.log"; exit 1; }
-  cp build/device/_w4afp8_cuda*.so w4afp8_jax/
-  note "build: $(( $(date +%s) - start )) s"
-fi
+# Always (re)built: a warm machine keeps the last call's build/ and .so, which may predate the
+# sources this call carries (the build is incremental, so an unchanged tree costs seconds).
+start=$(date +%s)
+cmake -S . -B build/device -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE="$(command -v python3)" >"$AUX/build.log" 2>&1 &&
+  cmake --build build/device -j16 >>"$AUX/build.log" 2>&1 || { tail -50 "$AUX/build.log"; exit 1; }
+cp build/device/_w4afp8_cuda*.so w4afp8_jax/
+note "build: $(( $(date +%s) - start )) s"
 note "$(python3 -c "import jax, w4afp8_jax as w; print('jax', jax.__version__, jax.devices(), 'cuda:', w.cuda_unavailable_reason() or 'ok')")"
 status=0
 run_phase() { [[ " $PHASES " == *" $1 "* ]]; }
@@ -166,14 +166,18 @@ if run_phase envab; then
   done
 fi
 
-if run_phase bench; then
+if run_phase bench || run_phase bench_decode; then
   timeout "$LIMIT" python3 benchmarks/bench_decode.py --json "$OUT/bench_decode.json" --png "$OUT/bench_decode.png" \
     ${BENCH_DECODE_ARGS:-} >"$AUX/bench_decode.log" 2>&1
   note "bench_decode (rc $?):"; note "$(tail -32 "$AUX/bench_decode.log")"
+fi
+if run_phase bench || run_phase bench_gemm; then
+  # BENCH_GEMM_ARGS: more arguments (e.g. --sweep CONFIGS --highest-min-b 1); the log is kept
+  # whole, since a run stopped at its limit prints no table.
   timeout "$LIMIT" python3 benchmarks/bench_gemm.py --json "$OUT/bench_gemm.json" --png "$OUT/bench_gemm.png" \
-    --batches "${BENCH_GEMM_BATCHES:-1,4,16,32,64,128,256,512,1024,2048,4096,8192}" --peers seed,torch-fp8 \
-    >"$AUX/bench_gemm.log" 2>&1
-  note "bench_gemm (rc $?):"; note "$(tail -40 "$AUX/bench_gemm.log")"
+    --batches "${BENCH_GEMM_BATCHES:-1,4,16,32,64,128,256,512,1024,2048,4096,8192}" \
+    --peers "${BENCH_GEMM_PEERS:-seed,torch-fp8}" ${BENCH_GEMM_ARGS:-} >"$OUT/bench_gemm.log" 2>&1
+  note "bench_gemm (rc $?):"; note "$(tail -40 "$OUT/bench_gemm.log")"
 fi
 
 if run_phase multi; then

@@ -5,6 +5,12 @@ Bound: both sides sum the same exact products (fp8 value x int4 value x scales) 
 within K * 2^-24 * sum|terms| of the exact one (K = 256: 2^-16; 2^-14 leaves room). Ours is then
 rounded to bf16: half an ulp, 2^-9 relative. So |got - want| <= 2^-8 |want| + 2^-14 sum|terms|;
 a wrong group, row, scale or orientation gives O(1) errors.
+
+precision=DEFAULT on the CUDA path (fp8 wgmma): each K = 32 instruction aligns its 32 products
+and the incoming sum of the group to the largest of them, keeping about 14 bits (2^-13
+relative), so a group of four instructions is off by at most 4 * 33 * 2^-13 < 2^-5.9 of its
+sum of |terms|, and the whole dot by 2^-5 * sum|terms| at worst (elementwise); the normwise
+error measured on such data is ~1e-3, bounded by 2e-3 as in tests/test_grouped_gemm.py.
 """
 
 import jax
@@ -38,12 +44,15 @@ def lax_reference(lhs_f32, rhs, sizes):
     return np.asarray(want), np.asarray(mag)
 
 
-def assert_matches(got, lhs_f32, rhs, sizes=SIZES):
+def assert_matches(got, lhs_f32, rhs, sizes=SIZES, default=False):
+    """The bound at the top; default: precision=DEFAULT's (below)."""
     want, mag = lax_reference(lhs_f32, rhs, sizes)
     got = np.asarray(got.astype(jnp.float32))
     rows = sum(sizes)
     assert np.abs(want[:rows]).max() > 0
-    assert np.all(np.abs(got - want) <= 2**-8 * np.abs(want) + 2**-14 * mag)
+    assert np.all(np.abs(got - want) <= 2**-8 * np.abs(want) + (2**-5 if default else 2**-14) * mag)
+    if default:
+        assert np.linalg.norm(got - want) <= 2e-3 * np.linalg.norm(want)
     assert not np.any(got[rows:])  # padding rows are zeros
 
 
@@ -149,5 +158,4 @@ def test_cuda_path(operands, precision):
     q = fp8_codes(x, 0.02)
     got = w4.ragged_dot(jnp.asarray(q), rhs.prepare(), sizes, lhs_scale=0.02, precision=precision,
                         implementation="cuda")
-    # Few rows per group: the exact kernels run for either precision.
-    assert_matches(got, q.astype(np.float32) * np.float32(0.02), rhs)
+    assert_matches(got, q.astype(np.float32) * np.float32(0.02), rhs, default=precision is None)
