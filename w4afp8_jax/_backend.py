@@ -9,8 +9,10 @@ registration checks that the two sets are equal.
 from __future__ import annotations
 
 import functools
+import importlib.machinery
 import os
 import pkgutil
+import shutil
 from typing import NamedTuple
 
 import jax
@@ -88,26 +90,51 @@ def route_workspace_elements(num_slots: int, num_experts: int) -> int:
     return _w4afp8_cuda.route_workspace_elements(num_slots, num_experts)
 
 
-def _gpu_present() -> bool:
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _gpu_count() -> int:
     try:
-        return len(jax.devices("gpu")) > 0
-    except RuntimeError:
-        return False
+        return len(jax.devices("gpu"))
+    except RuntimeError:  # no GPU backend at all
+        return 0
+
+
+def _module_status() -> str | None:
+    """None when the CUDA module imported, else why not: a build that does not import, a
+    source tree without a build, or an install that built none."""
+    if _w4afp8_cuda is not None:
+        return None
+    built = sorted(name for name in os.listdir(_PACKAGE) if name.startswith("_w4afp8_cuda.")
+                   and name.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES)))
+    if built:
+        return (f"the CUDA module {os.path.join(_PACKAGE, built[0])} was built but does not import "
+                f"({_IMPORT_ERROR}): reinstall with nvcc on the PATH to rebuild it for this Python and JAX")
+    if os.path.isdir(os.path.join(_PACKAGE, os.pardir, "ffi_cuda")):  # a source checkout
+        return (f"the CUDA module is not importable: w4afp8_jax is imported from the source tree ({_PACKAGE}), "
+                "which holds no compiled module: run from another directory to import the installed package "
+                "(plain `pytest`, not `python -m pytest`, in the checkout), or copy a build's _w4afp8_cuda*.so "
+                "next to it")
+    # The install's CMake step skips the module (with a warning) exactly when it finds no nvcc.
+    nvcc_now = "nvcc is on the PATH now" if shutil.which("nvcc") else "there is no nvcc on the PATH now either"
+    return (f"the CUDA module is not built: nvcc was not found when the package was built (`pip install .`; "
+            f"{_PACKAGE} has no _w4afp8_cuda*.so, and {nvcc_now}): reinstall with nvcc, CUDA 12.8+, on the PATH")
 
 
 def cuda_unavailable_reason() -> str | None:
-    """None when the CUDA path can run, else a sentence saying why not."""
-    if _w4afp8_cuda is None:
-        package = os.path.dirname(os.path.abspath(__file__))
-        if os.path.isdir(os.path.join(package, os.pardir, "ffi_cuda")):  # a source checkout
-            return (f"w4afp8_jax is imported from the source tree ({package}), which holds no compiled module: "
-                    "run from another directory to import the installed package (plain `pytest`, not "
-                    "`python -m pytest`, in the checkout), or copy a build's _w4afp8_cuda*.so next to it")
-        return (f"the compiled module w4afp8_jax._w4afp8_cuda is missing ({_IMPORT_ERROR}); "
-                "reinstall with nvcc on the PATH to build it")
-    if not _gpu_present():
-        return f"JAX sees no GPU (backend: {jax.default_backend()})"
-    return None
+    """None when the CUDA path can run (the CUDA module is built and imports, and JAX sees a
+    GPU), else one line saying both: whether the module is built (and if not, why: no nvcc at
+    install time, a source tree without a build, or the import error) and whether JAX sees a
+    GPU, e.g. "the CUDA module is built (.../_w4afp8_cuda....so); JAX sees no GPU (backend:
+    cpu)"."""
+    problem = _module_status()
+    gpus = _gpu_count()
+    if problem is None and gpus:
+        return None
+    module = problem or f"the CUDA module is built ({_w4afp8_cuda.__file__})"
+    gpu = (f"JAX sees {gpus} GPU{'s' if gpus > 1 else ''}" if gpus else
+           f"JAX sees no GPU (backend: {jax.default_backend()})")
+    return f"{module}; {gpu}"
 
 
 TARGET_PREFIX = "w4afp8_"
