@@ -201,7 +201,11 @@ __device__ __forceinline__ void ConsumeSteps(const GroupedGemmArgs& args, const 
   uint32_t a[2][4][4];      // this group's fragments and the next group's
   float group_sum[kT / 2];  // one group's wgmma sums (the accumulator layout)
   float acc[1][kT / 8][4] = {};
-  Unit unit{};
+  // Counters, not divisions of the step index: a 64-bit division per step costs more than
+  // the step's conversion.
+  int64_t unit_index = 0;
+  Unit unit = schedule.locate(0);
+  int group = 0;
   int stage = 0;
   uint32_t phase = 0;
   const uint32_t stages = SharedAddress(ring.stages), scales = SharedAddress(ring.scales);
@@ -209,8 +213,6 @@ __device__ __forceinline__ void ConsumeSteps(const GroupedGemmArgs& args, const 
   LoadFragments(stages, offsets, a[0]);
 
   const auto step = [&](int64_t s, uint32_t(&current)[4][4], uint32_t(&next)[4][4]) {
-    const int group = static_cast<int>(s % groups);
-    if (group == 0) unit = schedule.locate(s / groups);
     const uint64_t b = SwizzledTileDescriptor(ring.stage(stage) + Cfg::kWeightBytes);  // + 2 per k32: 32 bytes on
     WgmmaFence();
 #pragma unroll
@@ -239,12 +241,14 @@ __device__ __forceinline__ void ConsumeSteps(const GroupedGemmArgs& args, const 
     if (lane == 0) MbarrierArrive(ring.empty + stage);
     stage = next_stage;
     phase = next_phase;
-    if (group + 1 == groups) {
+    if (++group == groups) {
       StageAccumulators(staging, Cfg::kPitch, 0, acc, lhs_scale, lane);
       __syncwarp();
       StoreTile<1, kT, 16>(staging, Cfg::kPitch, 0, args, unit.token_begin, unit.token_count,
                            unit.row0 + 16 * warp, lhs_scale, lane, 32);
       __syncwarp();
+      group = 0;
+      if (s + 1 < steps) unit = schedule.locate(++unit_index);
     }
   };
   // Two steps per iteration, so the fragment buffers are indexed by constants.
