@@ -35,7 +35,7 @@ except ModuleNotFoundError as err:  # the optional extra
                               name=err.name) from err
 from jax.sharding import Sharding
 
-from .checkpoint import Checkpoint, load_moe_experts, replicated
+from .checkpoint import Checkpoint, compressed_tensors, load_moe_experts, replicated
 from .convert import source_weight
 from .moe import moe
 from .ops.deepseek_topk import deepseek_topk
@@ -122,9 +122,11 @@ class DeepseekV3MoE(nnx.Module):
                         tp_size: int = 1, tp_rank: int = 0,
                         sharding: Sharding | Callable | None = None, shared_experts: bool = True,
                         progress: bool | None = None, **kwargs) -> "DeepseekV3MoE":
-        """Blocks from a W4AFP8 checkpoint directory (`w4afp8_jax.load_moe_experts` reads the
-        routed experts; the router and shared-expert weights, FP8 with 128 x 128 block scales
-        or bf16, are dequantized: router to f32, shared expert to bf16).
+        """Blocks from a W4AFP8 or compressed-tensors checkpoint directory
+        (`w4afp8_jax.load_moe_experts` reads the routed experts, and warns that a checkpoint's
+        per-token activation scales are not applied yet; the router and shared-expert weights,
+        bf16, FP8 with 128 x 128 block scales, or compressed-tensors pack-quantized int4, are
+        dequantized: router to f32, shared expert to bf16, rounded).
 
         layers: an int gives one block; a sequence, or None for every MoE layer, gives one
             module whose variables have a leading layer axis, for `nnx.scan` or `nnx.vmap`.
@@ -164,8 +166,14 @@ class DeepseekV3MoE(nnx.Module):
                 return jax.device_put(value, sharding(name, value.shape))
             return jax.device_put(value, replicated(sharding))
 
+        def weight(name):  # float64 [N, K]
+            module = name.removesuffix(".weight")
+            if name not in ckpt and f"{module}.weight_packed" in ckpt:  # int4, compressed-tensors
+                return compressed_tensors.dequantized_weight(ckpt, module)
+            return source_weight(ckpt, name)
+
         def per_layer(name_of, convert):
-            return np.stack([convert(source_weight(ckpt, name_of(layer))) for layer in experts.layers])
+            return np.stack([convert(weight(name_of(layer))) for layer in experts.layers])
 
         prefix = "model.layers.{}.mlp."
         gate = per_layer(lambda l: prefix.format(l) + "gate.weight", lambda w: w.astype(np.float32))
@@ -176,14 +184,15 @@ class DeepseekV3MoE(nnx.Module):
             warnings.warn(f"{path}: no {bias_names[0]}; the router bias is zero", stacklevel=2)
             bias = np.zeros(gate.shape[:2], np.float32)
         shared_w13 = shared_w2 = None
-        has_shared = prefix.format(experts.layers[0]) + "shared_experts.gate_proj.weight" in ckpt
+        shared_gate = prefix.format(experts.layers[0]) + "shared_experts.gate_proj.weight"
+        has_shared = shared_gate in ckpt or shared_gate + "_packed" in ckpt
         if shared_experts and not has_shared:
             warnings.warn(f"{path}: no shared expert (model.layers.L.mlp.shared_experts.*); the blocks have none",
                           stacklevel=2)
         if shared_experts and has_shared:
             def shared(proj):
                 return lambda l: prefix.format(l) + f"shared_experts.{proj}_proj.weight"
-            s_inter = ckpt.shape(shared("gate")(experts.layers[0]))[0]
+            s_inter = ckpt.shape(shared_gate if shared_gate in ckpt else shared_gate + "_packed")[0]
             if s_inter % tp_size:
                 raise ValueError(f"tp_size = {tp_size} does not divide the shared expert's intermediate size {s_inter}")
             rows = slice(tp_rank * s_inter // tp_size, (tp_rank + 1) * s_inter // tp_size)
