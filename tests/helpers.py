@@ -73,9 +73,13 @@ def int4_weights(rng, e, n, k, group_size=128):
 
 def w4_weights(rng, e, n, k, group_size=128, layout="checkpoint"):
     """`int4_weights` as a W4Weights on the device; layout="tiled" prepares them."""
-    packed, scales = int4_weights(rng, e, n, k, group_size)
-    weights = w4.W4Weights(jnp.asarray(packed), jnp.asarray(scales), group_size)
-    return weights.prepare() if layout == "tiled" else weights
+    return on_device(w4.W4Weights(*int4_weights(rng, e, n, k, group_size), group_size), layout)
+
+
+def on_device(weights, layout="checkpoint"):
+    """NumPy W4Weights on the default device, layout="tiled" prepared first: on the host, so the
+    device never holds both layouts (1 GB each at E = 256, N = 1024, K = 7168)."""
+    return jax.tree.map(jnp.asarray, weights.prepare() if layout == "tiled" else weights)
 
 
 def offsets_from_counts(counts):

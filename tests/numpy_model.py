@@ -158,6 +158,36 @@ def grouped_gemm(lhs, lhs_scale, packed, scales, group_offsets, group_size: int,
     return out
 
 
+def grouped_gemm_wgmma(lhs, lhs_scale, packed, scales, group_offsets, group_size: int = 128, bits: int = 14):
+    """float64 [R, N]: grouped_gemm with precision=DEFAULT's accumulation (docs/numerics.md): each
+    group sum formed by K = 32 instructions from zero, every instruction truncating its 32
+    products and the incoming sum toward zero to `bits` significant bits of the largest of them
+    before adding, the sum rounded to f32; group sums scaled into an f32 accumulator. The
+    tests' model of the wgmma error (it reproduces the H100's measurements: tests/test_grouped_gemm.py)."""
+    lhs = np.asarray(lhs).astype(np.float64)
+    num_experts, n, _ = np.shape(packed)
+    offsets = [int(o) for o in np.asarray(group_offsets)]
+    out = np.zeros((lhs.shape[0], n))
+    f32 = lambda v: v.astype(np.float32).astype(np.float64)  # noqa: E731
+    for e in range(num_experts):
+        lo, hi = offsets[e], offsets[e + 1]
+        if hi <= lo:
+            continue
+        w = unpack_int4(packed[e]).astype(np.float64)  # [N, K]
+        s = np.asarray(scales[e], np.float64)  # [N, G]
+        acc = np.zeros((hi - lo, n))
+        for g in range(w.shape[1] // group_size):
+            total = np.zeros((hi - lo, n))
+            for k0 in range(g * group_size, (g + 1) * group_size, 32):
+                terms = np.concatenate([total[..., None], lhs[lo:hi, None, k0:k0 + 32] * w[None, :, k0:k0 + 32]], -1)
+                largest = np.abs(terms).max(axis=-1, keepdims=True)
+                quantum = 2.0 ** (np.floor(np.log2(np.where(largest > 0, largest, 1.0))) - (bits - 1))
+                total = f32(np.sum(np.trunc(terms / quantum) * quantum, axis=-1))
+            acc = f32(acc + total * s[None, :, g])
+        out[lo:hi] = acc
+    return out * float(np.float32(lhs_scale))
+
+
 # ---------------------------------------------------------------------------------------------
 # Step 4: SiLU and mul
 # ---------------------------------------------------------------------------------------------
