@@ -25,8 +25,11 @@ CUDA path (precision=HIGHEST) against the reference path on the CPU: every step 
 reference exactly (integers, fp8 gather) or to one bf16/fp8 rounding flip (GEMMs: f32 summation
 order; SiLU: expf vs XLA's exp). Flips are rare (measured on the H100 at E=256, M=1: 2.4e-4 of
 c1 values, none in q2; layer output 5.7e-6 relative), but one flipped c1 can move one fp8 code
-of h (2^-3 relative), and each such code moves the output by up to ~2e-3 in norm at M = 1; 5e-3
-allows a couple and still fails on any wrong row, expert, scale or slot (those give O(1) errors).
+of h (2^-3 relative), with probability ~2^-4.5 (a bf16 ulp against an fp8 spacing). One moved
+code moves the small cases' outputs by a median 2e-4 (M = 33) to 1.6e-3 (M = 1) in norm; 5e-3
+allows a couple and still fails on any wrong row, expert, scale or slot (those give O(1)
+errors). Not covered: a move of one of the largest codes, up to 2.7e-2..6.5e-2 (float64 model,
+5 seeds per small case), which a c1 flip next to such a code would give (not seen on a GPU).
 With dynamic scales one flip can also move a scale: a2 = amax(h) / 448, so a flip of the gate
 or up value behind the largest |h| changes a2 by about 2^-8 (both: 2^-7) and re-rounds every
 code of q2 near a boundary (seed 3153372912 of the 1-4-256-128 case: on the CPU, a2 scaled by
