@@ -21,9 +21,10 @@ from .tensor_parallel import moe_tensor_parallel, shard_tensor_parallel, tensor_
 from .weights import W4Weights, pack_int4, quantize_weights, unpack_int4
 from .checkpoint import MoEExperts, load_moe_experts
 from .ragged_dot import ragged_dot
+from . import export  # registers the pytrees above with jax.export
 
 __all__ = [
-    "MoEExperts", "load_moe_experts", "ragged_dot",
+    "export", "MoEExperts", "load_moe_experts", "ragged_dot",
     "GemmConfig", "Routing", "W4Weights", "combine", "cuda_unavailable_reason", "deepseek_topk", "gather_quantize",
     "grouped_gemm", "grouped_gemm_configs", "grouped_gemm_default_config", "moe", "moe_expert_parallel", "moe_tensor_parallel", "pack_int4",
     "quantize_fp8", "quantize_weights", "resolve_implementation", "route", "shard_tensor_parallel", "silu_mul_quantize",
