@@ -96,3 +96,49 @@ def test_source_tree_without_a_build(stage):
     assert reason.startswith(f"the CUDA module is not importable: w4afp8_jax is imported from the source tree "
                              f"({package})")
     assert reason.endswith("; JAX sees 4 GPUs")
+
+
+# ---------------------------------------------------------------------------------------------
+# The warning for programs that would copy sliced weights (issue 26)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("flags,version,copies", [
+    ("", "0.10.2", True), ("", "0.11.0", True), ("", "0.11.1", False), ("", "0.12.1", False),
+    ("--xla_gpu_enable_dynamic_slice_fusion=false", "0.11.2", True),
+    ("--xla_gpu_enable_dynamic_slice_fusion=true", "0.10.2", False),
+    ("--xla_gpu_enable_dynamic_slice_fusion", "0.10.2", False),  # a bare flag is true
+    ("--xla_gpu_enable_dynamic_slice_fusion=false --xla_gpu_enable_dynamic_slice_fusion=true", "0.11.2", False),
+])
+def test_weight_slices_copied(flags, version, copies):
+    reason = _backend.weight_slices_copied(flags, version)
+    assert (reason is not None) == copies, reason
+
+
+def test_cuda_path_warns_once_where_sliced_weights_are_copied(rng, monkeypatch):
+    """Lowering for CUDA needs no GPU (the CUDA path forced, as test_export does): traced weights
+    that are not a layer() view warn once per process where XLA would copy slices; a view or a
+    jaxlib with the fusion never warns."""
+    import warnings
+
+    import numpy as np
+    from helpers import int4_weights
+    if _backend._w4afp8_cuda is None:
+        pytest.skip(f"needs the CUDA module: {_backend._module_status()}")
+    monkeypatch.setattr(_backend, "resolve", lambda implementation: "cuda")
+    stack = w4.W4Weights(*(jax.numpy.asarray(np.stack([a, a])) for a in int4_weights(rng, 4, 32, 256)))
+    lhs, scale = w4.quantize_fp8(rng.standard_normal((6, 256)).astype(np.float32))
+    offsets = np.array([0, 2, 2, 5, 6], np.int32)
+
+    def lower(weights_of, copied):
+        _backend.warn_if_weight_slices_copied.cache_clear()
+        monkeypatch.setattr(_backend, "weight_slices_copied", lambda: copied)
+        body = lambda c, i: (c, w4.grouped_gemm(lhs, scale, weights_of(i), offsets))  # noqa: E731
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(2):  # twice: the warning comes once
+                jax.jit(lambda: jax.lax.scan(body, 0, np.arange(2))[1]).trace().lower(lowering_platforms=("cuda",))
+        return [str(w.message) for w in caught if "layer(i)" in str(w.message)]
+
+    sliced = lambda i: jax.tree.map(lambda a: a[i], stack)  # noqa: E731
+    assert len(lower(sliced, "jaxlib 0.10.2 leaves XLA's dynamic-slice fusion off")) == 1
+    assert lower(sliced, None) == []
+    assert lower(stack.layer, "jaxlib 0.10.2 leaves XLA's dynamic-slice fusion off") == []

@@ -12,7 +12,9 @@ import functools
 import importlib.machinery
 import os
 import pkgutil
+import re
 import shutil
+import warnings
 from typing import NamedTuple
 
 import jax
@@ -178,3 +180,42 @@ def resolve(implementation: str) -> str:
     if implementation == "cuda":
         raise RuntimeError(f'implementation="cuda" is not available: {reason}')
     return "reference"
+
+
+# The first jaxlib whose XLA turns dynamic-slice fusion on by default (openxla/xla PR #43831;
+# read off the `.debug_options` dumps of jaxlib 0.10.2, 0.11.0, 0.11.1, 0.11.2 and 0.12.1): from
+# it on, a layer sliced from stacked weights inside a loop (lax.scan over them as xs, fori_loop,
+# vmap, nnx.scan) reaches a custom call as a pointer into the stack instead of a copy.
+SLICE_FUSION_JAXLIB = (0, 11, 1)
+
+
+def weight_slices_copied(xla_flags: str | None = None, jaxlib_version: str | None = None) -> str | None:
+    """Why XLA would copy a slice of stacked weights before a custom call reads it (a jaxlib
+    older than 0.11.1, or XLA_FLAGS turning --xla_gpu_enable_dynamic_slice_fusion off), or None."""
+    import jaxlib
+    flags = os.environ.get("XLA_FLAGS", "") if xla_flags is None else xla_flags
+    setting = None
+    for flag in flags.split():  # XLA: the last setting wins, a bare flag means true
+        name, _, value = flag.lstrip("-").partition("=")
+        if name == "xla_gpu_enable_dynamic_slice_fusion":
+            setting = value.lower() not in ("false", "0")
+    if setting is False:
+        return "XLA_FLAGS sets --xla_gpu_enable_dynamic_slice_fusion=false"
+    version = jaxlib.__version__ if jaxlib_version is None else jaxlib_version
+    if setting is None and tuple(int(p) for p in re.findall(r"\d+", version)[:3]) < SLICE_FUSION_JAXLIB:
+        return f"jaxlib {version} leaves XLA's dynamic-slice fusion off (on by default from 0.11.1)"
+    return None
+
+
+@functools.cache
+def warn_if_weight_slices_copied() -> None:
+    """Once per process, where `weight_slices_copied` gives a reason: traced weights that are
+    slices of a stack would be copied layer by layer before every kernel reads them (a scan over
+    stacked weights then runs ~15x slower, docs/performance.md); the fix is W4Weights.layer(i).
+    Whether traced weights are such a slice cannot be seen at trace time, hence the condition."""
+    reason = weight_slices_copied()
+    if reason:
+        warnings.warn(f"{reason}: if these weights are slices of a stack (lax.scan over the stacked weights as "
+                      "xs, fori_loop, vmap or nnx.scan over the layer axis), XLA copies each layer's weights "
+                      "before the kernels read them; pass w.layer(i) instead, or use jaxlib >= 0.11.1",
+                      stacklevel=4)

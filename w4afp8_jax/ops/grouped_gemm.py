@@ -220,5 +220,7 @@ def grouped_gemm_unchecked(lhs: jax.Array, lhs_scale: jax.Array, rhs: W4Weights,
     if lhs.shape[0] * rhs.out_features == 0:  # no rows: no kernel launch (static shapes, jit-safe)
         return jnp.zeros((lhs.shape[0], rhs.out_features), jnp.bfloat16)
     if impl == "cuda":
+        if rhs.index is None and isinstance(rhs.packed, jax.core.Tracer):
+            _backend.warn_if_weight_slices_copied()
         return _grouped_gemm_cuda(lhs, lhs_scale, rhs, group_offsets, exact=exact, config=config)
     return grouped_gemm_reference(lhs, lhs_scale, rhs, group_offsets)
