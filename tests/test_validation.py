@@ -449,3 +449,108 @@ def test_traced_static_arguments_say_how_to_pass_them(rng):
         jax.jit(lambda f: w4.combine(rows, pos, tw, f, implementation="reference"))(2.5)
     with pytest.raises(TypeError, match="num_experts must be a Python int.*static_argnames"):
         jax.jit(lambda e: w4.route(pos, e, implementation="reference"))(8)
+
+
+# ------------------------------------------------------------------------------------------
+# dtype errors name the dtype the caller passed
+# ------------------------------------------------------------------------------------------
+def _ints(r, *shape):
+    return r.integers(-3, 3, size=shape)  # int64
+
+
+def _offsets_f64():
+    return [0.0, 3.0, 3.0, 7.0, 9.0]
+
+
+def _ids_f64(r):
+    return r.integers(0, E, size=(M, K)) + 0.5
+
+
+def _lhs(r):
+    return jnp.asarray(r.standard_normal((10, 256)), jnp.float8_e4m3fn)
+
+
+# Without jax_enable_x64, jnp.asarray narrows int64 / float64 (NumPy arrays, Python lists) to
+# 32 bits: a check after it named int32 / float32, a dtype nobody passed.
+@pytest.mark.parametrize("call,message", [
+    (lambda r, p: w4.quantize_weights(_ints(r, 2, 4, 256)), r"w must be floating point, got int64"),
+    (lambda r, p: w4.quantize_weights(_ints(r, 2, 4, 256).tolist()), r"w must be floating point, got int64"),
+    (lambda r, p: w4.W4Weights(r.integers(0, 256, (E, 8, 128)), np.ones((E, 8, 2), np.float32)),
+     r"packed must be uint8 \(or a checkpoint's int8\), got int64"),
+    (lambda r, p: w4.W4Weights(p["w2"].packed, r.integers(1, 3, (E, H, 1))), r"scales must be floating point, got int64"),
+    (lambda r, p: w4.route(_ids_f64(r), E), r"topk_ids must be an integer array, got dtype float64"),
+    (lambda r, p: w4.route(_ids_f64(r).tolist(), E), r"topk_ids must be an integer array, got dtype float64"),
+    (lambda r, p: w4.gather_quantize(p["x"], _ids_f64(r).tolist()), r"positions must be an integer array, got dtype float64"),
+    (lambda r, p: w4.gather_quantize(_ints(r, M, H).tolist(), p["topk_ids"]), r"x must be a floating-point array, got dtype int64"),
+    (lambda r, p: w4.grouped_gemm(_lhs(r), 0.1, weights(r, E, 16, 256), _offsets_f64()),
+     r"group_offsets must be an integer array, got dtype float64"),
+    (lambda r, p: w4.grouped_gemm(r.standard_normal((10, 256)), 0.1, weights(r, E, 16, 256), [0, 3, 3, 7, 9]),
+     r"lhs must have dtype float8_e4m3fn, got float64"),
+    (lambda r, p: w4.grouped_gemm(_ints(r, 10, 256).tolist(), 0.1, weights(r, E, 16, 256), [0, 3, 3, 7, 9]),
+     r"lhs must have dtype float8_e4m3fn, got int64"),
+    (lambda r, p: w4.silu_mul_quantize(_ints(r, M, 2 * I).tolist(), [0, 1, 2, 3, M]), r"c1 must have dtype bfloat16, got int64"),
+    (lambda r, p: w4.silu_mul_quantize(jnp.ones((M, 2 * I), jnp.bfloat16), _offsets_f64()),
+     r"group_offsets must be an integer array, got dtype float64"),
+    (lambda r, p: w4.combine(_ints(r, M, H).tolist(), p["topk_ids"], p["topk_weights"]), r"rows must have dtype bfloat16, got int64"),
+    (lambda r, p: w4.combine(p["x"], p["topk_ids"], _ints(r, M, K).tolist()),
+     r"topk_weights must be a floating-point array, got dtype int64"),
+    (lambda r, p: w4.moe(_ints(r, M, H), p["topk_ids"], p["topk_weights"], p["w13"], p["w2"]),
+     r"x must be a floating-point array, got dtype int64"),
+    (lambda r, p: w4.moe(_ints(r, M, H).tolist(), p["topk_ids"], p["topk_weights"], p["w13"], p["w2"]),
+     r"x must be a floating-point array, got dtype int64"),
+    (lambda r, p: w4.moe(p["x"], _ids_f64(r).tolist(), p["topk_weights"], p["w13"], p["w2"]),
+     r"topk_ids must be an integer array, got dtype float64"),
+    (lambda r, p: w4.moe(p["x"], p["topk_ids"], _ints(r, M, K).tolist(), p["w13"], p["w2"]),
+     r"topk_weights must be a floating-point array, got dtype int64"),
+    (lambda r, p: w4.ragged_dot(_ints(r, M, H).tolist(), weights(r, E, 16, H), [1, 1, 0, 1]),
+     r"lhs must be a floating-point array, got dtype int64"),
+    (lambda r, p: w4.ragged_dot(r.standard_normal((M, H)), weights(r, E, 16, H), [1.0, 1.0, 0.0, 1.0]),
+     r"group_sizes must be an integer array, got dtype float64"),
+    (lambda r, p: w4.deepseek_topk(_ints(r, M, 16).tolist()), r"logits must be a floating-point array, got dtype int64"),
+    (lambda r, p: w4.quantize_fp8(_ints(r, M, H).tolist()), r"x must be a floating-point array, got dtype int64"),
+], ids=lambda v: None if callable(v) else f"{v.split()[0]}-{v.split()[-1]}")
+def test_dtype_errors_name_the_dtype_passed(rng, problem, call, message):
+    with pytest.raises(TypeError, match=message):
+        call(rng, problem)
+
+
+def test_64_bit_host_inputs_of_valid_kinds_are_accepted(rng, problem):
+    # The other side of the dtype checks: float64 weights and int64 indices are valid inputs.
+    w = rng.standard_normal((2, 4, 256))
+    np.testing.assert_array_equal(np.asarray(w4.quantize_weights(w).packed),
+                                  np.asarray(w4.quantize_weights(w.astype(np.float32)).packed))
+    ids = rng.integers(0, E, size=(M, K))
+    got = w4.route(ids, E)
+    np.testing.assert_array_equal(np.asarray(got.group_offsets), np.asarray(w4.route(ids.astype(np.int32), E).group_offsets))
+
+
+# ------------------------------------------------------------------------------------------
+# rhs in jax.lax.ragged_dot's orientation
+# ------------------------------------------------------------------------------------------
+TRANSPOSED = (r"lhs has K = 256 columns but rhs expects K = 128 \(rhs looks transposed: W4Weights are stored "
+              r"\[E, N, K\] \(N-major, like checkpoints\), not jax.lax.ragged_dot's \[G, K, N\]; quantize the "
+              r"transposed weights\)")
+
+
+def test_transposed_rhs_is_named(rng):
+    # ragged_dot's rhs is [G, K, N]: quantizing a [G, K = 256, N = 128] array as if it were
+    # W4Weights' [G, N, K] gives weights with N = 256, K = 128.
+    g, k, n, m = E, 256, 128, 10
+    lax_rhs = rng.standard_normal((g, k, n)).astype(np.float32)
+    wrong = w4.quantize_weights(lax_rhs)
+    right = w4.quantize_weights(lax_rhs.transpose(0, 2, 1))
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    sizes = jnp.asarray([3, 0, 4, 3], jnp.int32)
+    with pytest.raises(ValueError, match=TRANSPOSED):
+        w4.ragged_dot(x, wrong, sizes, implementation="reference")
+    lhs, scale = w4.quantize_fp8(x)
+    offsets = jnp.asarray([0, 3, 3, 7, 10], jnp.int32)
+    with pytest.raises(ValueError, match=TRANSPOSED):
+        w4.grouped_gemm(lhs, scale, wrong, offsets, implementation="reference")
+    assert w4.ragged_dot(x, right, sizes, implementation="reference").shape == (m, n)
+    # A K mismatch that is not a transposition gets no hint.
+    other = weights(rng, g, 64, 128)
+    for call in (lambda: w4.ragged_dot(x, other, sizes, implementation="reference"),
+                 lambda: w4.grouped_gemm(lhs, scale, other, offsets, implementation="reference")):
+        with pytest.raises(ValueError, match=r"rhs expects K = 128$"):
+            call()

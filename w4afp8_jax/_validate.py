@@ -29,21 +29,28 @@ def require_rank(name: str, x, rank: int) -> None:
         raise ValueError(f"{name} must have rank {rank}, got shape {tuple(np.shape(x))}")
 
 
+def dtype_of(x) -> np.dtype:
+    """The dtype the caller passed: x.dtype, or NumPy's for Python lists and scalars. (jnp.asarray
+    would narrow 64-bit values to 32 bits without jax_enable_x64, and a message would then name a
+    dtype nobody passed.)"""
+    return np.dtype(x.dtype) if hasattr(x, "dtype") else np.asarray(x).dtype
+
+
 def require_dtype(name: str, x, *dtypes) -> None:
-    dtype = jnp.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype
+    dtype = dtype_of(x)
     if not any(dtype == jnp.dtype(d) for d in dtypes):
         names = ", ".join(jnp.dtype(d).name for d in dtypes)
         raise TypeError(f"{name} must have dtype {names}, got {dtype}")
 
 
 def require_integer(name: str, x) -> None:
-    dtype = x.dtype if hasattr(x, "dtype") else jnp.asarray(x).dtype
+    dtype = dtype_of(x)
     if not jnp.issubdtype(dtype, jnp.integer):
         raise TypeError(f"{name} must be an integer array, got dtype {dtype}")
 
 
 def require_floating(name: str, x) -> None:
-    dtype = x.dtype if hasattr(x, "dtype") else jnp.asarray(x).dtype
+    dtype = dtype_of(x)
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"{name} must be a floating-point array, got dtype {dtype}")
 
@@ -78,8 +85,7 @@ def int32_offsets(group_offsets, num_rows: int) -> jax.Array:
     """group_offsets as int32. Other integer dtypes are first clipped into [0, num_rows] (on the
     host for host arrays), so no value wraps around when narrowed; for the ops that take
     offsets, clipping into [0, R] never changes the result."""
-    dtype = np.dtype(group_offsets.dtype) if hasattr(group_offsets, "dtype") else np.asarray(group_offsets).dtype
-    if dtype == np.int32:
+    if dtype_of(group_offsets) == np.int32:
         return jnp.asarray(group_offsets)
     if not isinstance(group_offsets, jax.Array):
         return jnp.asarray(np.clip(np.asarray(group_offsets), 0, num_rows).astype(np.int32))

@@ -9,7 +9,7 @@ import numpy as np
 from ._validate import (FP8_DTYPE, NO_RULE, QUANTIZED, check_static_scale, not_differentiable, require_floating,
                         require_integer, require_rank)
 from .fp8 import dynamic_scale, saturate_to_fp8
-from .ops.grouped_gemm import grouped_gemm, weights_not_differentiable
+from .ops.grouped_gemm import check_lhs_columns, grouped_gemm, weights_not_differentiable
 from .weights import W4Weights
 
 OUTPUT_DTYPES = (jnp.bfloat16, jnp.float32)
@@ -40,9 +40,9 @@ def ragged_dot(lhs, rhs: W4Weights, group_sizes, *, precision=None, preferred_el
     implementation: "auto", "cuda" or "reference" (see `grouped_gemm`).
 
     Raises TypeError / ValueError naming the argument for bad ranks, dtypes, sizes and scales
-    (before any kernel runs), and TypeError when differentiated with respect to lhs, lhs_scale
-    or rhs.scales (the fp8 quantization is piecewise constant and the kernels have no
-    derivative rule).
+    (before any kernel runs; an rhs oriented [G, K, N] is named as such), and TypeError when
+    differentiated with respect to lhs, lhs_scale or rhs.scales (the fp8 quantization is
+    piecewise constant and the kernels have no derivative rule).
 
     Returns [M, N] of preferred_element_type. Matches jax.lax.ragged_dot(lhs * lhs_scale,
     rhs.dequantize().transpose(0, 2, 1), group_sizes) up to the fp8 quantization of a float lhs
@@ -54,6 +54,8 @@ def ragged_dot(lhs, rhs: W4Weights, group_sizes, *, precision=None, preferred_el
     require_floating("lhs", lhs)
     if not isinstance(rhs, W4Weights):
         raise TypeError(f"rhs must be a W4Weights [G, N, K], got {type(rhs).__name__}")
+    rhs.require_one_set("rhs")
+    check_lhs_columns(lhs, rhs)  # before lhs is quantized
     require_rank("group_sizes", group_sizes, 1)
     require_integer("group_sizes", group_sizes)
     if np.shape(group_sizes)[0] != rhs.num_experts:

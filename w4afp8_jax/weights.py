@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._validate import MAX_EXPERTS
+from ._validate import MAX_EXPERTS, dtype_of
 from .fp8 import exact_divide
 
 INT4_MIN, INT4_MAX = -8, 7
@@ -259,19 +259,21 @@ def quantize_weights(w, group_size: int = 128) -> W4Weights:
     jax.Arrays computed on JAX's default device whatever `w` is (for host-side quantization of
     a large checkpoint, run it under `jax.default_device(jax.devices("cpu")[0])`). The CUDA
     path needs group_size 128. Raises ValueError / TypeError naming w or group_size for a wrong
-    rank, dtype or size.
+    rank, dtype (the dtype passed, e.g. int64) or size.
     """
-    w = jnp.asarray(w)
+    if not isinstance(w, jax.Array):
+        w = np.asarray(w)  # its dtype is the one passed (jnp.asarray narrows 64-bit ones)
     if w.ndim != 3:
         raise ValueError(f"w must be [E, N, K], got shape {tuple(w.shape)}")
-    if not jnp.issubdtype(w.dtype, jnp.floating):
-        raise TypeError(f"w must be floating point, got {w.dtype}")
+    w_dtype = dtype_of(w)
+    if not jnp.issubdtype(w_dtype, jnp.floating):
+        raise TypeError(f"w must be floating point, got {w_dtype}")
     e, n, k = w.shape
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0 or group_size % 2:
         raise ValueError(f"group_size must be a positive even int, got {group_size!r}")
     if k % group_size:
         raise ValueError(f"w: K = {k} must be a multiple of group_size = {group_size}")
-    grouped = w.astype(jnp.float32).reshape(e, n, k // group_size, group_size)
+    grouped = jnp.asarray(w).astype(jnp.float32).reshape(e, n, k // group_size, group_size)
     amax = jnp.max(jnp.abs(grouped), axis=-1)
     scales = jnp.where(amax > 0, exact_divide(amax, INT4_MAX), 1.0).astype(jnp.float32)
     q = jnp.clip(jnp.round(grouped / scales[..., None]), INT4_MIN, INT4_MAX).astype(jnp.int8)

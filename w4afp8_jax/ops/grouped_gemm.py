@@ -122,14 +122,24 @@ def _grouped_gemm_cuda(lhs, lhs_scale, rhs: W4Weights, group_offsets, *, exact: 
         exact=bool(exact))
 
 
+def check_lhs_columns(lhs, rhs: W4Weights) -> None:
+    """lhs [R, K] against rhs [E, N, K]; the hint covers weights oriented as jax.lax.ragged_dot's
+    rhs, the natural mistake when coming from it."""
+    k = np.shape(lhs)[1]
+    if k != rhs.in_features:
+        transposed = rhs.out_features == k
+        raise ValueError(f"lhs has K = {k} columns but rhs expects K = {rhs.in_features}" + (
+            " (rhs looks transposed: W4Weights are stored [E, N, K] (N-major, like checkpoints), not "
+            "jax.lax.ragged_dot's [G, K, N]; quantize the transposed weights)" if transposed else ""))
+
+
 def check_grouped_gemm_args(lhs, rhs, group_offsets) -> None:
     require_rank("lhs", lhs, 2)
     require_dtype("lhs", lhs, FP8_DTYPE)
     if not isinstance(rhs, W4Weights):
         raise TypeError(f"rhs must be a W4Weights, got {type(rhs).__name__}")
     rhs.require_one_set("rhs")
-    if np.shape(lhs)[1] != rhs.in_features:
-        raise ValueError(f"lhs has K = {np.shape(lhs)[1]} columns but rhs expects K = {rhs.in_features}")
+    check_lhs_columns(lhs, rhs)
     require_rank("group_offsets", group_offsets, 1)
     require_integer("group_offsets", group_offsets)
     if np.shape(group_offsets)[0] != rhs.num_experts + 1:
@@ -178,8 +188,8 @@ def grouped_gemm(lhs, lhs_scale, rhs: W4Weights, group_offsets, *, precision=Non
 
     Not differentiable (jax.grad with respect to lhs, lhs_scale or rhs.scales raises TypeError).
     Raises TypeError / ValueError naming the argument, before any kernel runs, for a wrong rank,
-    dtype or size of lhs, rhs or group_offsets, a missing or out-of-range lhs_scale, or a bad
-    config; on the CUDA path also for rhs with a group size other than 128 or N not a multiple
+    dtype or size of lhs, rhs or group_offsets (an rhs oriented [E, K, N] is named as such), a
+    missing or out-of-range lhs_scale, or a bad config; on the CUDA path also for rhs with a group size other than 128 or N not a multiple
     of 16 (the kernels' layout; the reference path takes any even group size and any N).
     """
     check_grouped_gemm_args(lhs, rhs, group_offsets)
