@@ -222,3 +222,150 @@ def test_int8_tracer_is_bitcast_not_converted_to_numpy(rng):
 
     got = build(jnp.asarray(packed.view(np.int8)), jnp.asarray(scales.astype(ml_dtypes.bfloat16)))
     np.testing.assert_array_equal(got, ref.dequantize(packed, scales.astype(ml_dtypes.bfloat16).astype(np.float32), 128))
+
+
+# ------------------------------------------------------------------------------------------
+# non-finite weights and scales
+# ------------------------------------------------------------------------------------------
+def with_bad_values(rng, w, values):
+    """w with `values` at distinct random indices (a copy), and the first of them in row-major order."""
+    w = w.copy()
+    flat = rng.choice(w.size, size=len(values), replace=False)
+    w.reshape(-1)[flat] = values
+    return w, np.unravel_index(flat.min(), w.shape)
+
+
+def index_text(index):
+    return r"\[" + ", ".join(str(int(i)) for i in index) + r"\]"
+
+
+@pytest.mark.parametrize("shape", [(1, 16, 128), (16, 256, 256)])  # the issue's two sizes
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_quantize_weights_rejects_non_finite_concrete_weights(rng, shape, bad):
+    w, first = with_bad_values(rng, rng.standard_normal(shape).astype(np.float32), [bad, np.nan])
+    message = rf"w{index_text(first)} is {float(w[first])}: weights must be finite"
+    wd = jnp.asarray(w)
+    for arg in (w, w.astype(ml_dtypes.bfloat16), wd):  # host (checked on the host) and device
+        with pytest.raises(ValueError, match=message):
+            w4.quantize_weights(arg)
+    with pytest.raises(ValueError, match=message):  # a concrete device array closed over under jit
+        jax.jit(lambda: w4.quantize_weights(wd).packed)()
+
+
+@pytest.mark.parametrize("shape", [(1, 16, 128), (16, 256, 256)])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_quantize_weights_traced_rule_nan_scale_for_the_group(rng, shape, bad):
+    # Under jit nothing can raise: the group holding a non-finite value gets scale NaN and codes
+    # 0, at any array size (the old code gave scale 1 and changed the group's other codes at one
+    # size, code 0 at another, scale inf and NaN codes for an inf); every other group is exactly
+    # as without it.
+    clean = rng.standard_normal(shape).astype(np.float32)
+    e, n, k = shape
+    idx = (rng.integers(e), rng.integers(n), rng.integers(k))
+    w = clean.copy()
+    w[idx] = bad
+    packed, scales = jax.jit(lambda w: (lambda q: (q.packed, q.scales))(w4.quantize_weights(w)))(w)
+    want = w4.quantize_weights(clean)
+    group = (*idx[:2], idx[2] // 128)
+    scales, want_scales = np.asarray(scales), np.asarray(want.scales)
+    assert np.isnan(scales[group]) and np.isnan(scales).sum() == 1
+    others = ~np.isnan(scales)
+    np.testing.assert_array_equal(scales[others], want_scales[others])
+    codes = ref.unpack_int4(np.asarray(packed)).reshape(e, n, k // 128, 128)
+    want_codes = ref.unpack_int4(np.asarray(want.packed)).reshape(e, n, k // 128, 128)
+    assert np.all(codes[group] == 0)
+    np.testing.assert_array_equal(codes[others], want_codes[others])
+    # Returned from jit, the weights become concrete, and concrete W4Weights never hold a NaN scale.
+    with pytest.raises(ValueError, match=rf"scales{index_text(group)} is nan: weight scales must be finite"):
+        jax.jit(w4.quantize_weights)(w)
+
+
+def test_quantize_weights_float64_beyond_float32_range_is_rejected(rng):
+    # The math is f32: 1e39 would become inf there (scale inf, a NaN group) without a word.
+    w, first = with_bad_values(rng, rng.standard_normal((2, 16, 256)), [1e39, -1e300])
+    with pytest.raises(ValueError, match=rf"w{index_text(first)} is -?inf: weights \(as float32\) must be finite"):
+        w4.quantize_weights(w)
+
+
+def test_traced_non_finite_weight_makes_its_tokens_nan_and_no_others(rng):
+    # The traced rule through the layer: a NaN scale in w13 row n of expert e reaches c1[:, n] of
+    # e's rows, hence h, q2 and every output channel of the tokens routed to e; static scales, so
+    # every other token is bitwise the layer with clean weights.
+    e, h, inter, m, k = 4, 256, 128, 12, 2
+    w13 = rng.standard_normal((e, 2 * inter, h)).astype(np.float32) * 0.05
+    w2 = w4.quantize_weights(rng.standard_normal((e, h, inter)).astype(np.float32) * 0.05)
+    ids = np.stack([rng.choice(e, k, replace=False) for _ in range(m)]).astype(np.int32)
+    ids[0] = [1, 2]  # at least one token on the bad expert, and one off it
+    ids[1] = [0, 3]
+    x = jnp.asarray(rng.standard_normal((m, h)), jnp.bfloat16)
+    tw = jnp.asarray(rng.random((m, k)), jnp.float32)
+    bad = w13.copy()
+    bad[1, rng.integers(inter), rng.integers(h)] = np.nan  # a gate row of expert 1
+
+    @jax.jit
+    def layer(w13):
+        return w4.moe(x, ids, tw, w4.quantize_weights(w13), w2, a1_scale=0.02, a2_scale=0.01,
+                      implementation="reference").astype(jnp.float32)
+
+    got, want = np.asarray(layer(bad)), np.asarray(layer(w13))
+    on_bad = (ids == 1).any(axis=1)
+    assert np.all(np.isnan(got[on_bad])) and np.isfinite(want).all()
+    np.testing.assert_array_equal(got[~on_bad], want[~on_bad])
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_w4weights_rejects_non_finite_concrete_scales(rng, bad, tmp_path):
+    packed, scales = random_weights(rng, 3, 16, 512)
+    scales, first = with_bad_values(rng, scales, [bad, np.nan])
+    message = rf"scales{index_text(first)} is {float(scales[first])}: weight scales must be finite"
+    path = tmp_path / "scales.bin"
+    scales.tofile(path)
+    mapped = np.memmap(path, np.float32, "r", shape=scales.shape)
+    for arg in (scales, mapped, scales.astype(ml_dtypes.bfloat16), jnp.asarray(scales)):
+        with pytest.raises(ValueError, match=message):
+            w4.W4Weights(packed, arg)
+    stacked = np.stack([np.ones_like(scales), scales])  # [L, E, N, K/128]: the index names the layer too
+    with pytest.raises(ValueError, match=rf"scales\[1, {', '.join(str(int(i)) for i in first)}\]"):
+        w4.W4Weights(np.stack([packed, packed]), stacked)
+    # Traced scales cannot be checked: built under jit, they give NaN where they multiply.
+    deq = jax.jit(lambda p, s: w4.W4Weights(p, s).dequantize())(packed, scales)
+    e, n, g = first
+    assert np.isnan(np.asarray(deq)[e, n, g * 128:(g + 1) * 128]).all()
+
+
+def test_w4weights_host_scales_checked_in_blocks_and_once(rng, monkeypatch, tmp_path):
+    # A memory-mapped stack is read once: in blocks along its first axis (the index of a value
+    # past the first block comes out right), and not again when W4Weights is rebuilt around the
+    # same scales (layer(), prepare(), pytree maps).
+    import w4afp8_jax._validate as validate
+    monkeypatch.setattr(validate, "HOST_BLOCK_ELEMENTS", 2 * 16 * 4)  # two experts' scales per block
+    packed = rng.integers(0, 256, (2, 5, 16, 256), dtype=np.uint8)
+    scales = rng.random((2, 5, 16, 4), dtype=np.float32) + 0.1
+    bad = scales.copy()
+    bad[1, 3, 7, 2] = np.nan
+    with pytest.raises(ValueError, match=r"scales\[1, 3, 7, 2\] is nan"):
+        w4.W4Weights(packed, bad)
+    path = tmp_path / "scales.bin"
+    scales.tofile(path)
+    mapped = np.memmap(path, np.float32, "r", shape=scales.shape)
+    calls = []
+    check = w4.weights.require_finite
+    monkeypatch.setattr(w4.weights, "require_finite", lambda *a: (calls.append(a[0]), check(*a)))
+    w = w4.W4Weights(packed, mapped)
+    assert isinstance(w.scales, np.memmap)
+    view = w.layer(1)
+    view.prepare().selected()
+    view.dequantize()
+    jax.tree.map(lambda a: a, view)
+    assert calls == ["scales"]
+    jax.tree.map(jnp.asarray, w)  # a device copy is a new array, checked (once) on the device
+    assert calls == ["scales", "scales"]
+
+
+def test_w4weights_accepts_zero_and_negative_scales(rng):
+    # Any finite scale is valid: the dequantized weight is int4 * scale whatever its sign, and a
+    # zero scale (e.g. an all-zero group's) contributes exactly 0.
+    packed, scales = random_weights(rng, 2, 4, 256)
+    scales[0, 1, 0], scales[1, 2, 1] = 0.0, -abs(scales[1, 2, 1])
+    w = w4.W4Weights(packed, scales)
+    np.testing.assert_allclose(np.asarray(w.dequantize()), ref.dequantize(packed, scales, 128), rtol=2**-24, atol=0)

@@ -55,6 +55,55 @@ def require_floating(name: str, x) -> None:
         raise TypeError(f"{name} must be a floating-point array, got dtype {dtype}")
 
 
+# Host arrays are checked in blocks of about this many elements along their first axis: a
+# memory-mapped checkpoint is then read once, without a full-size boolean temporary.
+HOST_BLOCK_ELEMENTS = 1 << 22
+
+
+def _first_nonfinite_host(x: np.ndarray):
+    step = max(1, HOST_BLOCK_ELEMENTS // max(1, math.prod(x.shape[1:])))
+    for start in range(0, x.shape[0], step):
+        bad = ~np.isfinite(x[start:start + step])
+        if bad.any():
+            first = np.argwhere(bad)[0]
+            return (start + int(first[0]), *map(int, first[1:]))
+    return None
+
+
+@jax.jit
+def _first_nonfinite_device(x: jax.Array):
+    """(any non-finite, index of the first one): one axis at a time, so that every index fits
+    int32 whatever the array's size (a flat index of a large sharded array would not)."""
+    bad = ~jnp.isfinite(x)
+    found = jnp.any(bad)
+    index = []
+    for _ in range(x.ndim):
+        i = jnp.argmax(jnp.any(bad, axis=tuple(range(1, bad.ndim))))  # the first row holding one
+        index.append(i)
+        bad = bad[i]
+    return found, jnp.stack(index)
+
+
+def require_finite(name: str, x, what: str) -> None:
+    """Raises ValueError "name[i, j, ...] is nan: <what> must be finite" at the first non-finite
+    element (row-major order) of a concrete array x [d0, ...] (rank >= 1). Host (NumPy) arrays are
+    checked on the host, device arrays on their device (only the index comes back); a tracer
+    cannot be inspected and passes."""
+    if isinstance(x, jax.core.Tracer):
+        return
+    if isinstance(x, jax.Array):
+        with jax.ensure_compile_time_eval():  # a concrete array closed over under jit is checked too
+            found, index = _first_nonfinite_device(x)
+            first = tuple(int(i) for i in np.asarray(index)) if bool(found) else None
+            value = None if first is None else float(x[first])
+    else:
+        x = np.asarray(x)
+        first = _first_nonfinite_host(x)
+        value = None if first is None else float(x[first])
+    if first is not None:
+        raise ValueError(f"{name}[{', '.join(map(str, first))}] is {value}: {what} must be finite")
+
+
 def static_hint(value) -> str:
     """What to do when a traced value reaches an argument that must be static."""
     if isinstance(value, jax.core.Tracer):

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import weakref
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._validate import MAX_EXPERTS, dtype_of
+from ._validate import MAX_EXPERTS, dtype_of, require_finite
 from .fp8 import exact_divide
 
 INT4_MIN, INT4_MAX = -8, 7
@@ -90,6 +91,30 @@ def _is_array_like(x) -> bool:
     return isinstance(x, (np.ndarray, jax.Array, jax.ShapeDtypeStruct))
 
 
+# Scales arrays already found finite, by id (held weakly). Every pytree map, layer(), prepare()
+# and op call rebuilds W4Weights around the same scales object: checking each object once keeps
+# a memory-mapped stack from being re-read and a device array from costing a sync per call.
+_FINITE_SCALES: dict[int, weakref.ref] = {}
+
+
+def _known_finite(scales) -> bool:
+    known = _FINITE_SCALES.get(id(scales))
+    return known is not None and known() is scales
+
+
+def _mark_finite(scales) -> None:
+    key = id(scales)
+    _FINITE_SCALES[key] = weakref.ref(scales, lambda _, key=key: _FINITE_SCALES.pop(key, None))
+
+
+def _require_finite_scales(scales) -> None:
+    if isinstance(scales, (jax.core.Tracer, jax.ShapeDtypeStruct)):
+        return  # cannot be inspected: a non-finite scale reaches only the outputs it multiplies
+    if not _known_finite(scales):
+        require_finite("scales", scales, "weight scales")
+        _mark_finite(scales)
+
+
 @dataclasses.dataclass(frozen=True)
 class W4Weights:
     """Per-expert int4 weights, expert axis leading so the arrays shard along experts.
@@ -97,7 +122,11 @@ class W4Weights:
     packed: uint8 [..., E, N, K//2], two signed int4 per byte, element 2i in the low nibble.
         A checkpoint's int8 packing is accepted and reinterpreted bit for bit.
     scales: float32 [..., E, N, K//group_size]; dequantized weight = int4 * scale. bf16 or f16
-        checkpoint scales are widened to f32 (exactly).
+        checkpoint scales are widened to f32 (exactly). Any finite value is valid (zero, e.g. for
+        an all-zero group, and negative ones too: the math is int4 * scale either way); concrete
+        scales holding NaN or +-inf raise ValueError naming the first, e.g. "scales[0, 3, 1] is
+        nan". Traced scales (W4Weights built under jit) cannot be checked: a non-finite one
+        reaches exactly the outputs it multiplies.
     group_size: static; input channels per scale (128 for W4AFP8 checkpoints).
     layout: static; "checkpoint" (the packing above) or "tiled" (see `prepare`).
 
@@ -113,6 +142,14 @@ class W4Weights:
     arrays included) stay numpy, converted on the host (int8 viewed as uint8, scales widened),
     so building W4Weights allocates no device memory; `jax.device_put(w, sharding)` places
     them, and the ops accept them as they are, under jit too (closed over or as arguments).
+    The finiteness check of scales reads host scales once, in blocks, on the host (device scales
+    on their device, only an index coming back); each scales array is checked once, however
+    often W4Weights is rebuilt around it (pytree maps, `layer`, `selected`, `prepare`, op calls
+    with device weights); a device copy of host scales is a new array, checked once there.
+
+    Raises TypeError for packed other than uint8 / int8 or scales not floating point (naming the
+    dtype passed) and ValueError for mismatched shapes, a bad group_size or layout, or
+    non-finite concrete scales.
     """
 
     packed: jax.Array
@@ -156,6 +193,7 @@ class W4Weights:
             raise ValueError(f"packed: number of experts must be in [1, {MAX_EXPERTS}], got {e}")
         if self.layout == "tiled":
             check_tiled_shape(n, gs)
+        _require_finite_scales(scales)
         object.__setattr__(self, "packed", packed)
         object.__setattr__(self, "scales", scales)
 
@@ -217,8 +255,10 @@ class W4Weights:
         if self.index is None:
             return self
         index = jnp.clip(self.index, 0, np.shape(self.packed)[0] - 1)  # the CUDA kernel's rule
-        return W4Weights(jnp.asarray(self.packed)[index], jnp.asarray(self.scales)[index],
-                         self.group_size, self.layout)
+        scales = jnp.asarray(self.scales)[index]
+        if _known_finite(self.scales) and not isinstance(scales, jax.core.Tracer):
+            _mark_finite(scales)  # a layer of checked scales: no second check (a device sync)
+        return W4Weights(jnp.asarray(self.packed)[index], scales, self.group_size, self.layout)
 
     def prepare(self) -> "W4Weights":
         """The same weights in the tiled layout the CUDA kernels read fastest (one transpose,
@@ -253,16 +293,25 @@ def quantize_weights(w, group_size: int = 128) -> W4Weights:
     even). The largest element maps to +-7, so nothing clips; an all-zero group gets scale 1 and
     q = 0.
 
+    Non-finite weights: a concrete w (NumPy, a list, a JAX array) holding NaN or +-inf raises
+    ValueError naming the first one, e.g. "w[3, 17, 250] is nan: weights must be finite", before
+    anything is computed (NumPy input is checked on the host). A traced w (quantize_weights
+    under jit) cannot be checked; there a group holding any NaN or inf gets scale NaN and codes
+    0, so every output it contributes to is NaN (visibly wrong, never plausibly so), and every
+    other group is quantized exactly as without it; such weights raise once they become concrete
+    (returned from jit), as every W4Weights with a non-finite scale does. float64 weights are
+    checked as the float32 values they are quantized from (beyond float32's range is inf).
+
     w: float [E, N, K], K a multiple of group_size. Returns W4Weights in the checkpoint layout:
     packed uint8 [E, N, K/2] (two int4 per byte, element 2i in the low nibble) and scales f32
     [E, N, K/group_size]; call `.prepare()` for the kernels' tiled layout. The arrays are
     jax.Arrays computed on JAX's default device whatever `w` is (for host-side quantization of
     a large checkpoint, run it under `jax.default_device(jax.devices("cpu")[0])`). The CUDA
     path needs group_size 128. Raises ValueError / TypeError naming w or group_size for a wrong
-    rank, dtype (the dtype passed, e.g. int64) or size.
+    rank, dtype (the dtype passed, e.g. int64) or size, or non-finite concrete weights.
     """
     if not isinstance(w, jax.Array):
-        w = np.asarray(w)  # its dtype is the one passed (jnp.asarray narrows 64-bit ones)
+        w = np.asarray(w)  # its dtype is the one passed (jnp.asarray narrows 64-bit ones); checked on the host
     if w.ndim != 3:
         raise ValueError(f"w must be [E, N, K], got shape {tuple(w.shape)}")
     w_dtype = dtype_of(w)
@@ -273,8 +322,18 @@ def quantize_weights(w, group_size: int = 128) -> W4Weights:
         raise ValueError(f"group_size must be a positive even int, got {group_size!r}")
     if k % group_size:
         raise ValueError(f"w: K = {k} must be a multiple of group_size = {group_size}")
+    if dtype_of(w).itemsize > 4:  # the math is f32: check what it will see (1e39 is inf there)
+        with np.errstate(over="ignore"):
+            w = w.astype(np.float32)
+    require_finite("w", w, "weights (as float32)" if dtype_of(w) != w_dtype else "weights")
     grouped = jnp.asarray(w).astype(jnp.float32).reshape(e, n, k // group_size, group_size)
-    amax = jnp.max(jnp.abs(grouped), axis=-1)
+    # Only a traced w can hold non-finite values here. They are kept out of the max and of the
+    # int conversion (whose NaN results XLA leaves unspecified), so the rule above holds at any size.
+    finite = jnp.isfinite(grouped)
+    group_finite = jnp.all(finite, axis=-1)
+    amax = jnp.max(jnp.where(finite, jnp.abs(grouped), 0.0), axis=-1)
     scales = jnp.where(amax > 0, exact_divide(amax, INT4_MAX), 1.0).astype(jnp.float32)
-    q = jnp.clip(jnp.round(grouped / scales[..., None]), INT4_MIN, INT4_MAX).astype(jnp.int8)
+    q = jnp.clip(jnp.round(grouped / scales[..., None]), INT4_MIN, INT4_MAX)
+    q = jnp.where(group_finite[..., None], q, 0).astype(jnp.int8)
+    scales = jnp.where(group_finite, scales, jnp.nan)
     return W4Weights(pack_int4(q.reshape(e, n, k)), scales, group_size)
