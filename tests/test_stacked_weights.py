@@ -1,4 +1,4 @@
-"""Layer-stacked W4Weights ([L, E, N, K/2]): pytree stacking, lax.scan and vmap over layers."""
+"""Layer-stacked W4Weights ([L, E, N, K/2]): W4Weights.stack, lax.scan and vmap over layers."""
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +19,7 @@ def layer_weights(rng, n, k):
 
 
 def stack(ws):
-    return jax.tree.map(lambda *a: jnp.stack(a), *ws)
+    return w4.W4Weights.stack(ws)
 
 
 @pytest.fixture
@@ -45,6 +45,55 @@ def test_stack_keeps_leading_axes(layers):
     # Against the independent model, all layers at once (f32 product of int4 and f32 scale: one rounding).
     np.testing.assert_allclose(w13.dequantize(), ref.dequantize(np.asarray(w13.packed), np.asarray(w13.scales), 128),
                                rtol=2**-24, atol=0)
+
+
+@pytest.mark.parametrize("num_layers", [1, 2, 3])
+@pytest.mark.parametrize("host", [True, False])
+def test_stack_any_number_of_layers_host_stays_host(rng, num_layers, host):
+    # The documented jax.tree.map(jnp.stack, *per_layer) raised TypeError with 2 layers and
+    # NotImplementedError with 3; numpy sets must give a numpy stack (no device memory).
+    sets = [w4.W4Weights(rng.integers(0, 256, (E, 16, 64), dtype=np.uint8).view(np.int8),
+                         rng.standard_normal((E, 16, 1)).astype(ml_dtypes.bfloat16)) for _ in range(num_layers)]
+    if not host:
+        sets = [jax.tree.map(jnp.asarray, w) for w in sets]
+    stacked = w4.W4Weights.stack(sets)
+    assert stacked.packed.shape == (num_layers, E, 16, 64) and stacked.scales.shape == (num_layers, E, 16, 1)
+    assert isinstance(stacked.packed, np.ndarray) == host and isinstance(stacked.scales, np.ndarray) == host
+    assert (stacked.group_size, stacked.layout, stacked.index) == (128, "checkpoint", None)
+    for i, one in enumerate(sets):
+        np.testing.assert_array_equal(np.asarray(stacked.packed[i]), np.asarray(one.packed))
+        np.testing.assert_array_equal(np.asarray(stacked.layer(i).dequantize()), np.asarray(one.dequantize()))
+
+
+def test_stack_keeps_static_fields_and_works_under_jit(rng, layers):
+    tiled = [w.prepare() for w in layers[0]]
+    stacked = w4.W4Weights.stack(tiled)
+    assert stacked.layout == "tiled"
+    np.testing.assert_array_equal(stacked.dequantize(), stack(layers[0]).dequantize())
+    small = [w4.W4Weights(jnp.asarray(rng.integers(0, 256, (E, 16, 64), dtype=np.uint8)),
+                          jnp.asarray(rng.standard_normal((E, 16, 4)).astype(np.float32)), 32) for _ in range(2)]
+    assert w4.W4Weights.stack(small).group_size == 32
+    jitted = jax.jit(lambda ws: w4.W4Weights.stack(ws).dequantize())(small)
+    np.testing.assert_array_equal(jitted, w4.W4Weights.stack(small).dequantize())
+
+
+def test_stack_rejects_mismatched_sets_by_name(rng, layers):
+    w13 = layers[0]
+    other_gs = w4.W4Weights(w13[0].packed, jnp.repeat(w13[0].scales, 2, axis=-1), 64)
+    cases = [
+        ([w13[0], other_gs], ValueError, r"layers\[1\]\.group_size is 64, layers\[0\]'s 128"),
+        ([w13[0], w13[1].prepare()], ValueError, r"layers\[1\]\.layout is 'tiled', layers\[0\]'s 'checkpoint'"),
+        ([w13[0], layers[1][0]], ValueError, r"layers\[1\]\.packed has shape \(4, 256, 64\), layers\[0\]\.packed "
+                                             r"\(4, 256, 128\)"),
+        ([w13[0], stack(w13).layer(1)], ValueError, r"layers\[1\] is a layer\(\) view of a stack"),
+        ([stack(w13)], ValueError, r"layers\[0\] must hold one layer's weights \[E, N, K/2\]"),
+        ([w13[0], w13[0].packed], TypeError, r"layers\[1\] must be a W4Weights, got ArrayImpl"),
+        (w13[0], TypeError, r"layers must be a sequence of W4Weights \(one per layer\), got W4Weights"),
+        ([], ValueError, r"layers must hold at least one W4Weights"),
+    ]
+    for bad, error, message in cases:
+        with pytest.raises(error, match=message):
+            w4.W4Weights.stack(bad)
 
 
 def test_repr_shows_shapes_not_elements(layers):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -134,9 +135,10 @@ class W4Weights:
     stored N-major ([E, N, K], as checkpoints store them), not [E, K, N] like the rhs of
     jax.lax.ragged_dot.
 
-    Leading axes (e.g. a layer axis [L, E, N, K//2]) are batch axes: `jax.tree.map(jnp.stack,
-    *per_layer)` builds them, and `jax.lax.scan` or `jax.vmap` over the weights peels them off.
-    The ops (`grouped_gemm`, `moe`, ...) take exactly one [E, N, K//2] set per call.
+    Leading axes (e.g. a layer axis [L, E, N, K//2]) are batch axes: `W4Weights.stack(per_layer)`
+    builds them, `layer(i)` selects one in place, and `jax.lax.scan` or `jax.vmap` over the
+    weights peels them off. The ops (`grouped_gemm`, `moe`, ...) take exactly one [E, N, K//2]
+    set per call.
 
     Host arrays: numpy inputs (np.load, jax.device_get, a safetensors reader; memory-mapped
     arrays included) stay numpy, converted on the host (int8 viewed as uint8, scales widened),
@@ -205,6 +207,41 @@ class W4Weights:
         index = "" if self.index is None else f", index={describe(self.index)}"
         return (f"W4Weights(packed={describe(self.packed)}, scales={describe(self.scales)}, "
                 f"group_size={self.group_size}, layout={self.layout!r}{index})")
+
+    @classmethod
+    def stack(cls, layers: Sequence["W4Weights"]) -> "W4Weights":
+        """Stacks L weight sets [E, N, K//2] into W4Weights [L, E, N, K//2] (select layer i with
+        `layer(i)`). The sets must agree in shape, group_size and layout; NumPy sets give a NumPy
+        stack (built on the host), anything else a JAX array (under jit too).
+
+        Raises TypeError unless layers is a non-empty sequence of W4Weights, ValueError naming
+        `layers[i]` for an already indexed `layer()` view, a set that is itself a stack, or a
+        shape, group_size or layout different from layers[0]'s.
+        """
+        if isinstance(layers, W4Weights) or not isinstance(layers, Sequence):
+            raise TypeError(f"layers must be a sequence of W4Weights (one per layer), got {type(layers).__name__}")
+        if not layers:
+            raise ValueError("layers must hold at least one W4Weights")
+        first = layers[0]
+        for i, w in enumerate(layers):
+            name = f"layers[{i}]"
+            if not isinstance(w, W4Weights):
+                raise TypeError(f"{name} must be a W4Weights, got {type(w).__name__}")
+            if w.index is not None:
+                raise ValueError(f"{name} is a layer() view of a stack {tuple(np.shape(w.packed))}: pass the "
+                                 f"weight sets themselves ({name}.selected() copies the layer out)")
+            w.require_one_set(name)
+            for what in ("group_size", "layout"):
+                if getattr(w, what) != getattr(first, what):
+                    raise ValueError(f"{name}.{what} is {getattr(w, what)!r}, layers[0]'s {getattr(first, what)!r}: "
+                                     "a stack holds one kind of weights")
+            if np.shape(w.packed) != np.shape(first.packed):
+                raise ValueError(f"{name}.packed has shape {tuple(np.shape(w.packed))}, layers[0].packed "
+                                 f"{tuple(np.shape(first.packed))}: every layer of a stack has the same [E, N, K//2]")
+        host = all(isinstance(a, np.ndarray) for w in layers for a in (w.packed, w.scales))
+        xp = np if host else jnp
+        return cls(xp.stack([w.packed for w in layers]), xp.stack([w.scales for w in layers]),
+                   first.group_size, first.layout)
 
     @property
     def num_experts(self) -> int:
