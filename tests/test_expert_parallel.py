@@ -1,6 +1,7 @@
 """Expert parallelism on simulated CPU devices (conftest forces 8 host devices): the sharded
 layer equals the single-device layer for 2, 4 and 8 shards, both dispatches, tokens sharded
-or replicated.
+or replicated, and for every weight form and placement `moe` takes
+(parallel_checks.PLACEMENT_CASES).
 
 Bound: each (token, slot) row goes through the same per-row math on its expert's shard; only
 the reference GEMM's batching of rows changes (f32 summation order inside XLA's dot), so rare
@@ -12,9 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec
 
 import w4afp8_jax as w4
+from parallel_checks import PLACEMENT_CASES, assert_expert_parallel_close, check_every_placement
 
 E, H, INTER, TOKENS, TOP_K = 16, 256, 128, 32, 4
 
@@ -69,10 +71,19 @@ def test_sharded_layer_equals_single_device(rng, layer_weights, shards, kind, di
     got = np.asarray(sharded(x, ids, tw, w13, w2).astype(jnp.float32))
     want = np.asarray(w4.moe(x, ids, tw, w13, w2, routed_scaling_factor=2.5, implementation="reference",
                              **scales).astype(jnp.float32))
-    assert np.linalg.norm(want) > 0
-    rel = np.linalg.norm(got - want) / np.linalg.norm(want)
-    assert rel < 5e-3, f"relative error {rel:.2e}"
-    assert np.mean(got == want) > 0.9
+    assert_expert_parallel_close(got, want)
+
+
+@pytest.mark.parametrize("form,placement,tokens,scales", PLACEMENT_CASES)
+def test_every_weight_form_and_placement(rng, form, placement, tokens, scales):
+    """Every weight form and placement `moe` takes (parallel_checks.PLACEMENT_CASES: sets in both
+    layouts and layer() views of a stack, on the host, uncommitted, committed to one device,
+    sharded or replicated on the mesh), eagerly and under jit, equals the one-device layer."""
+    layer = lambda *a, **kw: w4.moe_expert_parallel(*a, **kw, axis_name="ep", implementation="reference",
+                                                    precision=jax.lax.Precision.HIGHEST)
+    check_every_placement(rng, form, placement, tokens, scales, layer=layer, axis_name="ep", weight_axis=3,
+                          token_spec=PartitionSpec("ep"), arrange=lambda w13, w2: (w13, w2),
+                          check=lambda got, want, *_, **__: assert_expert_parallel_close(got, want))
 
 
 @pytest.mark.parametrize("dispatch,token_sharded", DISPATCHES)
@@ -103,3 +114,6 @@ def test_expert_parallel_rejects_uneven_splits(layer_weights):
         w4.moe_expert_parallel(x, ids, tw, w13, w2, mesh=mesh, dispatch="all_to_all", token_sharded=False)
     with pytest.raises(ValueError, match="precision"):
         w4.moe_expert_parallel(x, ids, tw, w13, w2, mesh=mesh, precision="bogus")
+    stack = jax.tree.map(lambda a: a[None], w13)  # [1, E, N, K/2]: a stack, not one layer
+    with pytest.raises(ValueError, match=r"w13 must hold one layer's weights .* w13\.layer\(i\)"):
+        w4.moe_expert_parallel(x, ids, tw, stack, w2, mesh=mesh)

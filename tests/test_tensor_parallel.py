@@ -1,6 +1,7 @@
 """Tensor parallelism on simulated CPU devices (conftest forces 8 host devices): the weight
-slices are the full weights' rows/columns, and the layer equals the one-device layer within
-the bound of its extra bf16 roundings for 2, 4 and 8 devices.
+slices are the full weights' rows/columns (of layer() views and stacks too), and the layer
+equals the one-device layer within the bound of its extra bf16 roundings for 2, 4 and 8
+devices, and for every weight form and placement `moe` takes (parallel_checks.PLACEMENT_CASES).
 
 Bound: parallel_checks.tensor_parallel_bound, per element, from the reference ops. The norm
 of that bound bounds the norm of the error; on top, rare fp8 code flips of h (XLA's CPU dot
@@ -16,7 +17,8 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import w4afp8_jax as w4
-from parallel_checks import tensor_parallel_bound
+from helpers import int4_weights, routed_tokens
+from parallel_checks import PLACEMENT_CASES, PLACEMENT_MESH, assert_tensor_parallel_close, check_every_placement
 
 E, H, INTER, TOKENS, TOP_K = 16, 256, 1024, 32, 4
 RSF = 2.5
@@ -76,6 +78,57 @@ def test_slices_are_the_full_weights_rows_and_columns(size, layout):
         np.testing.assert_array_equal(arranged2[:, rank * H:(rank + 1) * H], full2[:, :, lo:hi])
 
 
+def assert_same_weights(got, want):
+    assert (got.layout, got.group_size, got.index) == (want.layout, want.group_size, None)
+    np.testing.assert_array_equal(np.asarray(got.packed), np.asarray(want.packed))
+    np.testing.assert_array_equal(np.asarray(got.scales), np.asarray(want.scales))
+
+
+@pytest.mark.parametrize("layout", ["checkpoint", "tiled"])
+def test_slices_of_layer_views_and_stacks(rng, layout):
+    """tensor_parallel_slice and shard_tensor_parallel of layer(i) views are those of the layer
+    the view names (a concrete index keeps a host stack on the host; a traced one, under jit,
+    too), and of a stack [L, E, N, K/2] those of every layer, stacked along L."""
+    size, layers = 2, 3
+    sets = [(w4.W4Weights(*int4_weights(rng, 2, 2 * INTER, H)), w4.W4Weights(*int4_weights(rng, 2, H, INTER)))
+            for _ in range(layers)]
+    if layout == "tiled":
+        sets = [(w13.prepare(), w2.prepare()) for w13, w2 in sets]
+    stack = lambda ws: w4.W4Weights(np.stack([w.packed for w in ws]), np.stack([w.scales for w in ws]), 128, layout)
+    w13s, w2s = stack([p[0] for p in sets]), stack([p[1] for p in sets])
+    traced = jax.jit(lambda a, b, i: w4.shard_tensor_parallel(a.layer(i), b.layer(i), size))
+    stacked = [w4.tensor_parallel_slice(w13s, w2s, r, size) for r in range(size)] + [
+        w4.shard_tensor_parallel(w13s, w2s, size)]
+    for i in range(layers):
+        want = [w4.tensor_parallel_slice(*sets[i], r, size) for r in range(size)] + [
+            w4.shard_tensor_parallel(*sets[i], size)]
+        views = [w4.tensor_parallel_slice(w13s.layer(i), w2s.layer(i), r, size) for r in range(size)] + [
+            w4.shard_tensor_parallel(w13s.layer(i), w2s.layer(i), size)]
+        for got_views, got_stacked, pair in zip(views, stacked, want):
+            for view, whole, w in zip(got_views, got_stacked, pair):
+                assert isinstance(view.packed, np.ndarray) and isinstance(view.scales, np.ndarray)
+                assert_same_weights(view, w)
+                assert_same_weights(jax.tree.map(lambda a: a[i], whole), w)
+        for got, w in zip(traced(w13s, w2s, i), want[-1]):
+            assert_same_weights(got, w)
+
+
+def test_stacks_need_a_layer(rng):
+    """A stack [L, E, N, K/2] is not one layer: the layers say which argument and to take
+    .layer(i); shard_tensor_parallel says when w13 and w2 have different leading axes."""
+    mesh = mesh_of(2)
+    w13, w2 = w4.W4Weights(*int4_weights(rng, 2, 2 * INTER, H)), w4.W4Weights(*int4_weights(rng, 2, H, INTER))
+    as_stack = lambda w: w4.W4Weights(w.packed[None], w.scales[None])
+    with pytest.raises(ValueError, match="w13 and w2 must have the same leading"):
+        w4.shard_tensor_parallel(as_stack(w13), w2, 2)
+    w13_tp, w2_tp = w4.shard_tensor_parallel(as_stack(w13), as_stack(w2), 2)
+    x, ids, tw = (jnp.asarray(a) for a in routed_tokens(rng, TOKENS, H, 2, 1))
+    with pytest.raises(ValueError, match=r"w13 must hold one layer's weights .* w13\.layer\(i\)"):
+        w4.moe_tensor_parallel(x, ids, tw, w13_tp, w2_tp, mesh=mesh, implementation="reference")
+    with pytest.raises(ValueError, match=r"w2 must hold one layer's weights .* w2\.layer\(i\)"):
+        w4.moe_tensor_parallel(x, ids, tw, w13_tp.layer(0), w2_tp, mesh=mesh, implementation="reference")
+
+
 def test_host_weights_stay_on_the_host(layer_weights):
     w13, w2 = (w4.W4Weights(np.asarray(w.packed), np.asarray(w.scales)) for w in layer_weights)
     w13_tp, w2_tp = w4.shard_tensor_parallel(w13, w2, 2)
@@ -106,15 +159,23 @@ def test_tensor_parallel_layer_equals_single_device(rng, layer_weights, size, ki
     got = np.asarray(layer(x, ids, tw, w13_tp, w2_tp).astype(jnp.float32))
     want = np.asarray(w4.moe(x, ids, tw, w13, w2, routed_scaling_factor=RSF, implementation="reference",
                              **scales).astype(jnp.float32))
-    assert np.linalg.norm(want) > 0 and np.all(np.isfinite(got))
+    assert_tensor_parallel_close(got, want, x, ids, tw, w13, w2, size, routed_scaling_factor=RSF,
+                                 implementation="reference", **scales)
 
-    bound = tensor_parallel_bound(x, ids, tw, w13, w2, size, got=got, want=want, routed_scaling_factor=RSF,
-                                  implementation="reference", **scales)
-    err = np.abs(got - want)
-    within = np.mean(err <= bound)
-    rel = np.linalg.norm(got - want) / np.linalg.norm(want)
-    assert within > 0.99, f"only {within:.4f} of the elements within the rounding bound"
-    assert np.linalg.norm(err) <= np.linalg.norm(bound) + 5e-3 * np.linalg.norm(want), f"relative error {rel:.2e}"
+
+@pytest.mark.parametrize("form,placement,tokens,scales", PLACEMENT_CASES)
+def test_every_weight_form_and_placement(rng, form, placement, tokens, scales):
+    """Every weight form and placement `moe` takes (parallel_checks.PLACEMENT_CASES: sets in both
+    layouts and layer() views of a stack, arranged by shard_tensor_parallel, on the host,
+    uncommitted, committed to one device, sharded or replicated on the mesh), eagerly and under
+    jit, equals the one-device layer within the rounding bound."""
+    layer = lambda *a, **kw: w4.moe_tensor_parallel(*a, **kw, axis_name="tp", implementation="reference",
+                                                    precision=jax.lax.Precision.HIGHEST)
+    check = lambda got, want, *a, **kw: assert_tensor_parallel_close(got, want, *a, PLACEMENT_MESH,
+                                                                     implementation="reference", **kw)
+    check_every_placement(rng, form, placement, tokens, scales, layer=layer, axis_name="tp", weight_axis=2,
+                          token_spec=PartitionSpec(), check=check,
+                          arrange=lambda w13, w2: w4.shard_tensor_parallel(w13, w2, PLACEMENT_MESH))
 
 
 @pytest.mark.parametrize("token_sharded", [False, True])

@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ._validate import check_static_scale
 from .fp8 import finite_amax, scale_from_amax
@@ -21,6 +21,7 @@ from .ops.gather_quantize import gather_quantize
 from .ops.grouped_gemm import grouped_gemm, is_exact
 from .ops.route import route
 from .ops.silu_mul_quantize import kept_silu_mul, silu_mul_quantize
+from .weights import W4Weights
 
 
 def axis_size(mesh, axis_name) -> int:
@@ -95,3 +96,48 @@ def layer_settings(x, *, size: int, axis_name: str, token_sharded: bool, a1_scal
 def empty_output(x) -> jax.Array:
     """The layer's output for an empty batch (x [0, H]): bf16 [0, H]."""
     return jnp.zeros((0, np.shape(x)[1]), jnp.bfloat16)
+
+
+def _weight_specs(w: W4Weights, axis_name: str, axis_from_end: int) -> W4Weights:
+    """PartitionSpecs for the arrays of `w` ([..., E, N, K/2] and a `layer()` view's index):
+    axis -axis_from_end sharded over `axis_name`, leading (layer) axes and the index replicated."""
+    def spec(a):
+        leading = np.ndim(a) - axis_from_end
+        return PartitionSpec(*[None] * leading, axis_name) if leading >= 0 else PartitionSpec()
+    return jax.tree.map(spec, w)
+
+
+def _on_mesh(tree, specs, mesh: Mesh):
+    """`tree` with every concrete array that is not on exactly the devices of `mesh` put there
+    with NamedSharding(mesh, spec): a jit (the shard_map) refuses arrays committed to other
+    devices (e.g. `load_moe_experts` without sharding=: jax.devices()[0]), and host arrays go
+    block by block instead of whole to every device. Arrays already on the mesh's devices are
+    resharded by the shard_map itself; tracers keep the placement of the enclosing jit, which
+    chose it from its own arguments."""
+    devices = set(mesh.devices.flat)
+
+    def put(a, spec):
+        if isinstance(a, jax.core.Tracer) or (isinstance(a, jax.Array) and a.sharding.device_set == devices):
+            return a
+        # Now, also while tracing (arrays closed over by jit or lax.scan): a staged copy would
+        # leave the traced program an argument committed off the mesh.
+        with jax.ensure_compile_time_eval():
+            return jax.device_put(a, NamedSharding(mesh, spec))
+    return jax.tree.map(put, tree, specs)
+
+
+def shard_layer(body, x, topk_ids, topk_weights, w13: W4Weights, w2: W4Weights, *, mesh: Mesh, axis_name: str,
+                token_sharded: bool, weight_axis: int) -> jax.Array:
+    """body(x, topk_ids, topk_weights, w13, w2) per device of `axis_name`: tokens sharded along
+    axis 0 (token_sharded) or replicated, the weights' axis -weight_axis sharded (3: experts,
+    2: rows). Weights may be `layer()` views (each device gets its block of every layer and the
+    index, so the kernels still read the layer in place)."""
+    tokens = PartitionSpec(axis_name) if token_sharded else PartitionSpec()
+    specs = (tokens, tokens, tokens, _weight_specs(w13, axis_name, weight_axis),
+             _weight_specs(w2, axis_name, weight_axis))
+    as_array = lambda a: a if isinstance(a, (jax.Array, np.ndarray)) else np.asarray(a)  # e.g. nested lists
+    args = _on_mesh((as_array(x), as_array(topk_ids), as_array(topk_weights), w13, w2), specs, mesh)
+    # check_vma=False: the reference GEMM's scan starts from unsharded zeros. jit: called eagerly,
+    # shard_map would run the body op by op (measured on 2 CPU devices: 12-18 s a call, against
+    # 1 s to compile it).
+    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=tokens, check_vma=False))(*args)

@@ -27,10 +27,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh
 
 from . import _backend
-from ._parallel import axis_size, empty_output, gather_tokens, global_scale, layer_settings, partial_layer, sum_shares
+from ._parallel import (axis_size, empty_output, gather_tokens, global_scale, layer_settings, partial_layer, shard_layer,
+                        sum_shares)
 from ._validate import FP8_DTYPE
 from .fp8 import saturate_to_fp8
 from .moe import check_moe_args
@@ -107,7 +108,14 @@ def moe_expert_parallel(x, topk_ids, topk_weights, w13: W4Weights, w2: W4Weights
     x: float [M, H]; topk_ids: integer [M, k]; topk_weights: float [M, k]: sharded along tokens
     over the axis (token_sharded=True; M divisible by the axis size P; the output bf16 [M, H] is
     sharded like x) or replicated (token_sharded=False, only with dispatch="all_gather": the
-    output is replicated). E must be divisible by P; device r holds experts [rE/P, (r+1)E/P).
+    output is replicated). w13, w2: W4Weights [E, 2I, H] and [E, H, I], or `layer(i)` views
+    (concrete or traced index) of stacks [L, E, N, K/2]; fastest sharded along the expert axis
+    (axis -3) over the axis (each device's kernels read its block of a stack in place). E must
+    be divisible by P; device r holds experts [rE/P, (r+1)E/P).
+    Placement of every array argument: as in `moe_tensor_parallel` (host, uncommitted or on any
+    devices; arrays off the mesh are copied onto it on every call; under jax.jit, a jitted
+    function's argument committed to devices other than the mesh's makes JAX raise ValueError
+    "Received incompatible devices": device_put it onto the mesh first, or close over it).
     dispatch: "all_gather" or "all_to_all" (module docstring: what each moves). Other arguments
     as in `moe`; dynamic scales are global maxima over all devices.
 
@@ -117,7 +125,8 @@ def moe_expert_parallel(x, topk_ids, topk_weights, w13: W4Weights, w2: W4Weights
     rounds once.
 
     Raises ValueError for a mesh without `axis_name`, uneven splits of M (token_sharded) or E,
-    an unknown dispatch, or bad scales; TypeError for wrong types.
+    a stack [L, E, N, K/2] passed without `.layer(i)`, an unknown dispatch, or bad scales;
+    TypeError for wrong types.
     """
     impl = _backend.resolve(implementation)
     check_moe_args(x, topk_ids, topk_weights, w13, w2, impl)
@@ -141,8 +150,5 @@ def moe_expert_parallel(x, topk_ids, topk_weights, w13: W4Weights, w2: W4Weights
     else:
         body = lambda *a: _all_to_all_layer(*a, axis_name=axis_name, num_shards=num_shards, num_experts=num_experts,
                                             **layer)
-    tokens = PartitionSpec(axis_name) if token_sharded else PartitionSpec()
-    experts = PartitionSpec(axis_name)
-    # check_vma=False: the reference GEMM's scan starts from unsharded zeros.
-    return jax.shard_map(body, mesh=mesh, in_specs=(tokens, tokens, tokens, experts, experts), out_specs=tokens,
-                         check_vma=False)(jnp.asarray(x), jnp.asarray(topk_ids), jnp.asarray(topk_weights), w13, w2)
+    return shard_layer(body, x, topk_ids, topk_weights, w13, w2, mesh=mesh, axis_name=axis_name,
+                       token_sharded=token_sharded, weight_axis=3)
