@@ -8,7 +8,8 @@
     def run(x, layer):                                           # one layer per step
         return x + layer(x)
 
-    # or, reading each layer's int4 weights in place (no per-layer copy; faster on the GPU):
+    # or, reading each layer's int4 weights in place on every jax version (nnx.scan over the
+    # stacked module is copy-free only from jaxlib 0.11.1, W4Weights.layer says why):
     @nnx.jit
     def run(moe_layers, x):
         return jax.lax.fori_loop(0, num_layers, lambda i, x: x + moe_layers(x, layer=i), x)

@@ -262,10 +262,14 @@ class W4Weights:
 
     def layer(self, index) -> "W4Weights":
         """Layer `index` of stacked weights [L, E, N, K//2], as a view that the CUDA kernels
-        read in place: the stack is passed whole with the index (a traced scalar is fine, e.g.
-        the counter of a `lax.scan` over layers), so no layer is ever copied. Slicing the stack
-        instead (`jax.tree.map(lambda a: a[i], w)`, or scanning over the weights as xs) makes
-        XLA copy each layer's weights before the kernel reads them. A concrete index outside
+        read in place on every jax version: the stack is passed whole with the index (a traced
+        scalar is fine, e.g. the counter of a `lax.scan` over layers), so no layer is ever
+        copied. Slicing the stack instead (`jax.tree.map(lambda a: a[i], w)`, scanning over the
+        weights as xs, `fori_loop`, `vmap` or `nnx.scan` over the layer axis) avoids a copy only
+        where XLA's dynamic-slice fusion passes the custom call a pointer into the stack: on by
+        default from jaxlib 0.11.1, for slices along the layer axis indexed by a loop counter.
+        With an older jaxlib, `--xla_gpu_enable_dynamic_slice_fusion=false` or an index that is
+        not a loop counter, XLA copies the layer's weights first. A concrete index outside
         [0, L) raises ValueError; a traced one is clamped into [0, L) on both paths (the CUDA
         kernel clamps on the device; negative indices do not wrap)."""
         if self.index is not None or np.ndim(self.packed) != 4:
