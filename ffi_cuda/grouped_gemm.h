@@ -42,7 +42,7 @@ struct GroupedGemmArgs {
 // "stream_32x8_s6": the streaming family, 32 weight rows x 8 tokens per unit, 6 stages.
 struct GroupedGemmConfig {
   std::string name;
-  const char* family;  // "register", "stream" or "wgmma"
+  const char* family;  // "register", "stream", "wgmma" or "tma"
   bool exact;          // the exact f32 sum of every K group (wgmma's fp8 accumulation is not)
   int rows;            // weight rows per work unit
   int tokens;          // tokens per work unit

@@ -19,8 +19,8 @@ and the float64 model agrees within half a bf16 ulp plus that f32 noise. Element
 holds one flip (<= 2^-7 relative) and atol 1e-3 of the output RMS the two f32 sums' difference
 where a sum cancels (a random walk of K roundings: ~sqrt(K) 2^-24 of the terms' RMS, far below).
 
-precision=DEFAULT (the fp8 wgmma kernels: the TMA family from decode to prefill, and
-wgmma_128x128 when forced) is not that math: Hopper's fp8 tensor cores align the 32 products of
+precision=DEFAULT (the fp8 wgmma kernels: wgmma_128x128 where the heuristic picks it, the TMA
+family's tma_64x* when forced by name) is not that math: Hopper's fp8 tensor cores align the 32 products of
 one instruction (and the incoming group sum) to the largest with about 14 bits kept, so every
 term of an instruction is off by up to one quantum, 2^-13 of the instruction's largest term:
 at most 4 * 33 quanta per group (< 2^-5.9 of its sum of |terms|, the worst case), and in the
@@ -407,9 +407,10 @@ def test_default_precision(rng, e, n, k, counts, data):
 @pytest.mark.gpu
 @pytest.mark.parametrize("e,n,k,counts,layout", with_layouts(CASES))
 def test_grouped_gemm_default_precision(rng, e, n, k, counts, layout):
-    """precision=None (DEFAULT) on the whole case list, decode included (the TMA family's wgmma
-    sums, whatever kernel the heuristic picks): within DEFAULT's bounds (see the top) of the
-    exact math, rows past group_offsets[E] zero, every element written."""
+    """precision=None (DEFAULT) on the whole case list, decode included, with whatever kernel the
+    heuristic picks (an exact one at decode until the TMA family is measured and picked): within
+    DEFAULT's bounds (see the top) of the exact math, rows past group_offsets[E] zero, every
+    element written."""
     weights = w4_weights(rng, e, n, k, layout=layout)
     counts, extra = make_counts(rng, counts, e)
     lhs, lhs_scale = make_lhs(rng, int(counts.sum()) + extra, k)

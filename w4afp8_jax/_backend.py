@@ -46,7 +46,7 @@ class GemmConfig(NamedTuple):
     """One grouped-GEMM kernel configuration (ffi_cuda/grouped_gemm/configs.h)."""
 
     name: str          # e.g. "stream_32x8": family, weight rows x tokens per work unit
-    family: str        # kernel family: "register", "stream" or "wgmma"
+    family: str        # kernel family: "register", "stream", "wgmma" or "tma"
     exact: bool        # computes the exact f32 sum of every K group
     rows: int          # weight rows per work unit
     tokens: int        # tokens per work unit
