@@ -119,6 +119,11 @@ def _on_mesh(tree, specs, mesh: Mesh):
     def put(a, spec):
         if isinstance(a, jax.core.Tracer) or (isinstance(a, jax.Array) and a.sharding.device_set == devices):
             return a
+        if isinstance(a, np.ndarray) and any(d.process_index != jax.process_index() for d in devices):
+            # Several processes: a copy spanning other processes' devices could not be closed
+            # over by an enclosing jit; the shard_map places host arrays (the same on every
+            # process) itself.
+            return a
         # Now, also while tracing (arrays closed over by jit or lax.scan): a staged copy would
         # leave the traced program an argument committed off the mesh.
         with jax.ensure_compile_time_eval():
