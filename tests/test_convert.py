@@ -189,6 +189,11 @@ def test_cli_user_errors_are_one_line(rng, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("python -m w4afp8_jax.convert: error: dst: ") and "exists and is not empty" in err
     assert "Traceback" not in err
+    # A missing source is named as the command's argument, src (a fresh-user trial saw `path`).
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "missing"), str(tmp_path / "dst2"), "--no-progress"])
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err.startswith("python -m w4afp8_jax.convert: error: src: ")
 
 
 def test_cli_prints_a_summary_without_a_terminal(rng, tmp_path):
@@ -201,8 +206,8 @@ def test_cli_prints_a_summary_without_a_terminal(rng, tmp_path):
     assert done.returncode == 0, done.stderr
     copied = sum(".mlp.experts." not in name for name in src)
     size = sum(os.path.getsize(dst / f"model-{i}.safetensors") for i in range(2)) / 2**20  # headers: < 0.1 MiB
-    assert re.fullmatch(rf"wrote W4AFP8 checkpoint {re.escape(str(dst))}: 2 MoE layers \(1-2\), {2 * E} routed "
-                        rf"experts, {2 * E * 3} expert weights \(float8_e4m3fn\) quantized to int4, {copied} other "
+    assert re.fullmatch(rf"wrote W4AFP8 checkpoint {re.escape(str(dst))}: 2 MoE layers \(1-2\), {E} routed "
+                        rf"experts each, {2 * E * 3} expert weights \(float8_e4m3fn\) quantized to int4, {copied} other "
                         rf"tensors copied, 2 files, ([0-9.]+) MiB; no activation scales \(dynamic at run time; "
                         r"--calibration writes static ones\)\n", done.stdout), done.stdout
     assert abs(float(re.search(r"([0-9.]+) MiB", done.stdout)[1]) - size) < 0.1

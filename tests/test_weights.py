@@ -276,7 +276,9 @@ def test_quantize_weights_traced_rule_nan_scale_for_the_group(rng, shape, bad):
     assert np.all(codes[group] == 0)
     np.testing.assert_array_equal(codes[others], want_codes[others])
     # Returned from jit, the weights become concrete, and concrete W4Weights never hold a NaN scale.
-    with pytest.raises(ValueError, match=rf"scales{index_text(group)} is nan: weight scales must be finite"):
+    # The message says where such scales come from (the caller passed w, never scales).
+    with pytest.raises(ValueError, match=rf"scales{index_text(group)} is nan: weight scales must be finite "
+                                         r"\(quantize_weights under jit gives a NaN scale"):
         jax.jit(w4.quantize_weights)(w)
 
 

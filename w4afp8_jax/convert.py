@@ -170,8 +170,11 @@ class ConversionSummary:
         span = f"{ids[0]}-{ids[-1]}" if ids == list(range(ids[0], ids[-1] + 1)) else ", ".join(map(str, ids))
         scales = (f"static activation scales in {ACT_SCALES_FILE}" if self.act_scales else
                   "no activation scales (dynamic at run time; --calibration writes static ones)")
+        experts = sorted(set(self.layers.values()))
+        per_layer = (f"{experts[0]} routed experts each" if len(experts) == 1 else
+                     f"{experts[0]}-{experts[-1]} routed experts per layer")
         return (f"wrote W4AFP8 checkpoint {self.dst}: {len(ids)} MoE layers ({span}), "
-                f"{sum(self.layers.values())} routed experts, {self.quantized} expert weights "
+                f"{per_layer}, {self.quantized} expert weights "
                 f"({'/'.join(self.source_dtypes)}) quantized to int4, {self.copied} other tensors copied, "
                 f"{self.files} files, {self.size / 2**20:.1f} MiB; {scales}")
 
@@ -201,6 +204,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, calibration: Mapp
     of the wrong dtype or shape or a calibration without inputs for some MoE layer; ValueError
     naming a weight with non-finite values while converting.
     """
+    if not Path(src).is_dir():  # named as convert's argument (Checkpoint would say `path`)
+        raise FileNotFoundError(f"src: {src} is not a checkpoint directory")
     ckpt = Checkpoint(src)
     dst = Path(dst)
     if dst.resolve() == ckpt.path.resolve():

@@ -112,7 +112,11 @@ def _require_finite_scales(scales) -> None:
     if isinstance(scales, (jax.core.Tracer, jax.ShapeDtypeStruct)):
         return  # cannot be inspected: a non-finite scale reaches only the outputs it multiplies
     if not _known_finite(scales):
-        require_finite("scales", scales, "weight scales")
+        try:
+            require_finite("scales", scales, "weight scales")
+        except ValueError as error:  # where such scales usually come from, for whoever never passed scales
+            raise ValueError(f"{error} (quantize_weights under jit gives a NaN scale to every group of weights "
+                             "holding NaN or inf: check the weights it quantized)") from None
         _mark_finite(scales)
 
 
