@@ -86,7 +86,8 @@ def layer_settings(x, *, size: int, axis_name: str, token_sharded: bool, a1_scal
     num_tokens = np.shape(x)[0]
     if token_sharded and num_tokens % size:
         raise ValueError(f"x: {num_tokens} tokens do not split evenly over the {size} devices of {axis_name!r} "
-                         "(token_sharded=True)")
+                         f"(token_sharded=True, expert parallelism's default, splits the batch: pad it to a "
+                         f"multiple of {size}, or pass token_sharded=False to replicate it)")
     check_precision(precision)
     return dict(a1_scale=check_static_scale("a1_scale", a1_scale), a2_scale=check_static_scale("a2_scale", a2_scale),
                 routed_scaling_factor=check_routed_scaling_factor(routed_scaling_factor), precision=precision,
