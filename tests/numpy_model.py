@@ -6,9 +6,10 @@ transcription. Conventions taken from the spec:
   nibble and 2i+1 in the high nibble; weights are [E, N_out, K/2]; dequantized weight =
   int4 * scale with one scale per (expert, output row, group of 128 input channels).
 - fp8 is e4m3 (ml_dtypes.float8_e4m3fn), q = saturate(x / scale) to [-448, 448], rounded to
-  nearest even. Activation scales are f32 scalars, and the quantization divides in f32 (the
-  spec's "f32 math"); a dynamic scale is max(amax / 448, 2**-126) in f32 over the finite
-  values, and 1 when that amax is below 2**-126 (docs/numerics.md, "Scale range").
+  nearest even. Activation scales are f32 scalars, or per token one f32 scale per row, and the
+  quantization divides in f32 (the spec's "f32 math"); a dynamic scale is max(amax / 448,
+  2**-126) in f32 over the finite values (of the tensor, or of the row), and 1 when that amax
+  is below 2**-126 (docs/numerics.md, "Scale range", "Per-token activation scales").
 - Expert ids outside [0, E) are dropped slots. Rows are ordered by expert id, stable
   (ties keep token-major slot order).
 - GEMM outputs and the combine output are bf16; everything in between is exact or float64
@@ -73,9 +74,12 @@ def to_bf16(v) -> np.ndarray:
     return np.asarray(v, np.float64).astype(np.float32).astype(BF16)
 
 
-def dynamic_scale(v) -> np.float32:
+def dynamic_scale(v, per_row: bool = False):
     """max(amax / 448, 2**-126) in f32, amax over the finite |v|; 1 when amax < 2**-126 (an
-    all-zero, empty, subnormal-only or non-finite-only tensor)."""
+    all-zero, empty, subnormal-only or non-finite-only tensor). per_row: the same for every row
+    of v [R, C], f32 [R]."""
+    if per_row:
+        return np.array([dynamic_scale(row) for row in np.asarray(v)], np.float32).reshape(len(v))
     v = np.abs(np.asarray(v, np.float32))
     finite = v[np.isfinite(v)]
     amax = np.float32(finite.max()) if finite.size else np.float32(0)
@@ -83,12 +87,13 @@ def dynamic_scale(v) -> np.float32:
     return np.float32(max(amax / np.float32(FP8_MAX), tiny)) if amax >= tiny else np.float32(1.0)
 
 
-def quantize_fp8(x, scale=None):
-    """(q fp8, scale f32): q = saturate(f32(x) / scale) with the division done in f32."""
+def quantize_fp8(x, scale=None, per_row: bool = False):
+    """(q fp8, scale f32): q = saturate(f32(x) / scale) with the division done in f32; per_row
+    (x [R, C], scale None): one dynamic scale per row, f32 [R]."""
     x32 = np.asarray(x, np.float32)
-    s = dynamic_scale(x32) if scale is None else np.float32(scale)
+    s = dynamic_scale(x32, per_row) if scale is None else np.float32(scale)
     with np.errstate(over="ignore"):  # a quotient past f32 is inf, which saturates like any |v| > 448
-        return to_fp8(x32 / s), s
+        return to_fp8(x32 / (s[:, None] if per_row else s)), s
 
 
 def fp8_ordinal(q) -> np.ndarray:
@@ -131,8 +136,9 @@ def route(topk_ids, num_experts: int):
 # ---------------------------------------------------------------------------------------------
 def grouped_gemm(lhs, lhs_scale, packed, scales, group_offsets, group_size: int, *, with_abs: bool = False):
     """float64 [R, N]: rows offsets[e]..offsets[e+1] of lhs times expert e's dequantized
-    weights, times lhs_scale; rows at or past offsets[E] are 0. Only experts with rows are
-    unpacked. with_abs also returns the same sum over |terms| (the scale of accumulation error).
+    weights, times lhs_scale (a scalar, or one per row [R]); rows at or past offsets[E] are 0.
+    Only experts with rows are unpacked. with_abs also returns the same sum over |terms| (the
+    scale of accumulation error).
 
     The spec sums each group's int4 * fp8 products, scales them and accumulates; in float64 the
     products and group sums are exact, so multiplying by the dequantized weight is the same sum
@@ -152,9 +158,11 @@ def grouped_gemm(lhs, lhs_scale, packed, scales, group_offsets, group_size: int,
         out[lo:hi] = lhs[lo:hi] @ w.T
         if with_abs:
             out_abs[lo:hi] = np.abs(lhs[lo:hi]) @ np.abs(w).T
-    out *= float(lhs_scale)
+    scale = np.asarray(lhs_scale, np.float64)
+    scale = scale[:, None] if scale.ndim else float(scale)
+    out *= scale
     if with_abs:
-        return out, out_abs * abs(float(lhs_scale))
+        return out, out_abs * np.abs(scale)
     return out
 
 
@@ -222,26 +230,31 @@ def combine(rows, positions, topk_weights, routed_scaling_factor: float, *, roun
 # Steps 1-6: the MoE layer
 # ---------------------------------------------------------------------------------------------
 def moe(x, topk_ids, topk_weights, w13_packed, w13_scales, w2_packed, w2_scales, group_size: int = 128,
-        *, a1_scale=None, a2_scale=None, routed_scaling_factor: float = 1.0, return_intermediates=False):
+        *, a1_scale=None, a2_scale=None, activation_scaling: str = "per_tensor", routed_scaling_factor: float = 1.0,
+        return_intermediates=False):
     """bf16 [M, H] following docs/numerics.md steps 1-6, with its roundings:
     q1 = fp8(x / a1) (dynamic a1 = amax|x| / 448), c1 = bf16(GEMM1), h = silu(gate) * up,
     q2 = fp8(h / a2) (dynamic a2 = amax|h| / 448 over the kept rows), c2 = bf16(GEMM2),
-    out = bf16(rsf * sum_j w_j c2[pos])."""
+    out = bf16(rsf * sum_j w_j c2[pos]). activation_scaling="per_token": a1 per token (a row of
+    x; every row of q1 copied from token t has token t's scale) and a2 per kept row of h."""
+    per_token = activation_scaling == "per_token"
     x32 = np.asarray(x).astype(np.float32)
     num_experts = np.shape(w13_packed)[0]
     _, offsets, positions = route(topk_ids, num_experts)
     m, k = positions.shape
     kept_rows = int(offsets[-1])
 
-    q1_tok, s1 = quantize_fp8(x32, a1_scale)  # every copy of a token's row is the same fp8 row
+    q1_tok, s1 = quantize_fp8(x32, a1_scale, per_token)  # every copy of a token's row is the same fp8 row
     q1 = np.zeros((kept_rows, x32.shape[1]), FP8)
+    s1_rows = np.zeros(kept_rows, np.float32)
     for t in range(m):
         for j in range(k):
             if positions[t, j] >= 0:
                 q1[positions[t, j]] = q1_tok[t]
-    c1 = to_bf16(grouped_gemm(q1, s1, w13_packed, w13_scales, offsets, group_size))
+                s1_rows[positions[t, j]] = s1[t] if per_token else s1
+    c1 = to_bf16(grouped_gemm(q1, s1_rows if per_token else s1, w13_packed, w13_scales, offsets, group_size))
     h = silu_mul(c1)
-    q2, s2 = quantize_fp8(h, a2_scale)
+    q2, s2 = quantize_fp8(h, a2_scale, per_token)
     c2_exact = grouped_gemm(q2, s2, w2_packed, w2_scales, offsets, group_size)
     c2 = to_bf16(c2_exact)
     # combine over [kept_rows, H]: dropped slots have position -1 and are skipped.
@@ -263,7 +276,8 @@ def moe_one_q2_flip(token: int, im: dict, topk_weights, w2_packed, w2_scales, gr
     one bf16 ulp, and that moves a q2 code when h / a2 lies that close to a rounding boundary:
     a legitimate difference that changes the token's whole output row slightly (tests/test_moe.py).
     """
-    q2, h, s2, c2 = im["q2"], im["h"], im["s2"], im["c2"].astype(np.float64)
+    q2, h, c2 = im["q2"], im["h"], im["c2"].astype(np.float64)
+    row_scale = lambda p: im["s2"][p] if np.ndim(im["s2"]) else im["s2"]  # noqa: E731
     positions, offsets = im["positions"], im["offsets"]
     w = np.asarray(topk_weights, np.float64)[token]
     slots = {}  # expert -> [(slot, position)]
@@ -273,6 +287,7 @@ def moe_one_q2_flip(token: int, im: dict, topk_weights, w2_packed, w2_scales, gr
     acc = sum(w[j] * c2[p] for same in slots.values() for j, p in same)
     for expert, same in slots.items():
         p = same[0][1]
+        s2 = row_scale(p)
         v = (h[p].astype(np.float32) / s2).astype(np.float64)
         q = q2[p].astype(np.float64)
         step = np.sign(v - q) * (np.abs(q) < FP8_MAX)  # toward v; a saturated code has no other side

@@ -27,22 +27,25 @@ U = 2.0**-8  # bf16 unit roundoff
 
 
 def tensor_parallel_bound(x, ids, tw, w13, w2, size, *, got, want, routed_scaling_factor, implementation,
-                          precision=None, a1_scale=None, a2_scale=None) -> np.ndarray:
-    """f32 [M, H]: the per-element bound above for TP over `size` devices (w13, w2: full weights)."""
+                          precision=None, a1_scale=None, a2_scale=None, activation_scaling="per_tensor") -> np.ndarray:
+    """f32 [M, H]: the per-element bound above for TP over `size` devices (w13, w2: full weights).
+    Per token, each device's h columns are the one-device layer's too (the row scales are the
+    max over the devices), so the same bound holds."""
     a = _magnitudes(x, ids, tw, w13, w2, a1_scale, a2_scale, routed_scaling_factor, size=size,
-                    implementation=implementation, precision=precision)
+                    implementation=implementation, precision=precision, per_token=activation_scaling == "per_token")
     return U * (np.asarray(a) + np.abs(got) + np.abs(want)) * 1.01
 
 
-@functools.partial(jax.jit, static_argnames=("size", "implementation", "precision"))
-def _magnitudes(x, ids, tw, w13, w2, a1_scale, a2_scale, routed_scaling_factor, *, size, implementation, precision):
+@functools.partial(jax.jit, static_argnames=("size", "implementation", "precision", "per_token"))
+def _magnitudes(x, ids, tw, w13, w2, a1_scale, a2_scale, routed_scaling_factor, *, size, implementation, precision,
+                per_token):
     """rsf * sum_j |w_j| * (sum_r |c2_r| + |c2|), f32 [M, H] (jitted once per signature: the CPU
     tests call it for every case)."""
     impl = dict(implementation=implementation)
     routing = w4.route(ids, w13.num_experts, **impl)
-    q1, s1 = w4.gather_quantize(x, routing.positions, a1_scale, **impl)
+    q1, s1 = w4.gather_quantize(x, routing.positions, "per_token" if per_token else a1_scale, **impl)
     c1 = w4.grouped_gemm(q1, s1, w13, routing.group_offsets, precision=precision, **impl)
-    q2, s2 = w4.silu_mul_quantize(c1, routing.group_offsets, a2_scale, **impl)
+    q2, s2 = w4.silu_mul_quantize(c1, routing.group_offsets, "per_token" if per_token else a2_scale, **impl)
     c2 = w4.grouped_gemm(q2, s2, w2, routing.group_offsets, precision=precision, **impl)
     c2 = jnp.abs(c2.astype(jnp.float32))
     part = w2.in_features // size

@@ -51,19 +51,26 @@ def make_routing(rng, kind, shards):
 
 
 DISPATCHES = [("all_to_all", True), ("all_gather", True), ("all_gather", False)]  # (dispatch, token_sharded)
-# Every shard count, routing kind, dispatch and scale kind, without the full product.
+# Every shard count, routing kind, dispatch and scale kind, without the full product; per-token
+# scales (each row's amax is local to the device holding the row) with every dispatch.
+# The cases' scales: True static, False dynamic (the bool the cases had), or per-token.
+SCALES = {True: dict(a1_scale=0.02, a2_scale=0.01), False: {}, "per_token": dict(activation_scaling="per_token")}
 CASES = [(shards, kind, *DISPATCHES[(i + j) % 3], (i + j) % 2 == 0)
          for i, shards in enumerate([2, 4, 8]) for j, kind in enumerate(["uniform", "skewed", "one_shard", "dropped"])]
+CASES += [(2, "dropped", "all_to_all", True, "per_token"), (4, "skewed", "all_gather", True, "per_token"),
+          (2, "uniform", "all_gather", False, "per_token"), (8, "one_shard", "all_to_all", True, "per_token")]
 
 
-@pytest.mark.parametrize("shards,kind,dispatch,token_sharded,static", CASES)
-def test_sharded_layer_equals_single_device(rng, layer_weights, shards, kind, dispatch, token_sharded, static):
+@pytest.mark.parametrize("shards,kind,dispatch,token_sharded,scales", CASES)
+def test_sharded_layer_equals_single_device(rng, layer_weights, shards, kind, dispatch, token_sharded, scales):
     if len(jax.devices("cpu")) < shards:
         pytest.skip(f"needs {shards} CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count)")
     w13, w2 = layer_weights
     ids, tw = make_routing(rng, kind, shards)
     x = jnp.asarray(rng.standard_normal((TOKENS, H)), jnp.bfloat16)
-    scales = dict(a1_scale=0.02, a2_scale=0.01) if static else {}
+    if scales == "per_token":  # tokens of very different sizes: per-token scales differ
+        x = x * jnp.exp(jnp.asarray(rng.uniform(-3, 3, (TOKENS, 1)), jnp.float32)).astype(jnp.bfloat16)
+    scales = SCALES[scales]
     mesh = Mesh(np.array(jax.devices("cpu")[:shards]), ("ep",))
     sharded = jax.jit(lambda *a: w4.moe_expert_parallel(*a, mesh=mesh, dispatch=dispatch, token_sharded=token_sharded,
                                                         routed_scaling_factor=2.5, implementation="reference",

@@ -1,7 +1,9 @@
 """gather_quantize (step 2): one case list on every implementation; exact on both.
 
 The step is one IEEE division and one round-to-nearest-even fp8 conversion per value, so the
-reference path matches the NumPy model byte for byte, and the CUDA path matches the reference
+reference path matches the NumPy model byte for byte (scales bit for bit, per tensor or per
+token: every row carries its token's scale, rows no slot fills scale 1), and the CUDA path
+(per-tensor scales only, so far) matches the reference
 path (run on the CPU with the scale as a traced argument: an IEEE division, as in the kernel;
 XLA's GPU f32 division is not always correctly rounded) byte for byte on the kept rows. Rows no
 slot maps to are zero on the reference path and unspecified on the CUDA path (not compared).
@@ -44,10 +46,11 @@ def routed_positions(rng, m, k, e, drop_fraction):
 
 
 def check_against_model(got, got_scale, x, positions, scale):
-    """Every kept slot's row is the model's fp8 row of its token (bytes); other rows are zero."""
+    """Every kept slot's row is the model's fp8 row of its token (bytes), with its token's scale
+    (per token: got_scale [M*k], 1 on rows no slot fills); other rows are zero."""
     m, k = positions.shape
-    q_tok, want_scale = ref.quantize_fp8(np.asarray(x), scale)
-    assert np.float32(got_scale) == want_scale
+    per_token = scale == "per_token"
+    q_tok, want_scale = ref.quantize_fp8(np.asarray(x), None if per_token else scale, per_row=per_token)
     q = fp8_bytes(got)
     pos = np.asarray(positions)
     kept = pos >= 0
@@ -55,6 +58,13 @@ def check_against_model(got, got_scale, x, positions, scale):
     np.testing.assert_array_equal(q[pos[kept]], fp8_bytes(q_tok)[tokens[kept]])
     unmapped = np.setdiff1d(np.arange(m * k), pos[kept])
     assert np.all(np.asarray(got)[unmapped].astype(np.float32) == 0)  # zero on the reference path
+    if not per_token:
+        assert np.float32(got_scale) == want_scale
+        return
+    got_scale = np.asarray(got_scale)
+    assert got_scale.shape == (m * k,) and got_scale.dtype == np.float32
+    np.testing.assert_array_equal(got_scale[pos[kept]], want_scale[tokens[kept]])
+    assert np.all(got_scale[unmapped] == 1)
 
 
 def check_against_reference(got, got_scale, x, positions, scale, kept):
@@ -68,12 +78,13 @@ def check_against_reference(got, got_scale, x, positions, scale, kept):
 CASES = [pytest.param(m, k, h, scale_kind, id=f"{m}-{k}-{h}-{scale_kind}")
          for m, k, h in [(1, 8, H), (3, 6, 512), (13, 4, 384), (64, 8, H), (1000, 1, 256), (7, 8, 136),
                          (5, 2, 100), (300, 8, 2048)]
-         for scale_kind in ("static", "dynamic", "saturating")]
+         for scale_kind in ("static", "dynamic", "saturating", "per_token")]
 
 
-@pytest.mark.parametrize("implementation,m,k,h,scale_kind", on_every_implementation(CASES))
+@pytest.mark.parametrize("implementation,m,k,h,scale_kind",
+                         on_every_implementation(CASES, cuda=lambda *case: case[-1] != "per_token"))
 def test_gather_quantize(rng, implementation, m, k, h, scale_kind):
-    scale = {"static": 0.0173, "dynamic": None, "saturating": 0.02}[scale_kind]
+    scale = {"static": 0.0173, "dynamic": None, "saturating": 0.02, "per_token": "per_token"}[scale_kind]
     x = make_x(rng, m, h, saturate_scale=scale if scale_kind == "saturating" else None)
     positions, kept = routed_positions(rng, m, k, 16, drop_fraction=0.2)
     fn = jax.jit(lambda x, p: w4.gather_quantize(x, p, scale, implementation=implementation))
@@ -87,6 +98,44 @@ def test_gather_quantize(rng, implementation, m, k, h, scale_kind):
     assert not np.isnan(q).any() and np.abs(q).max(initial=0) <= FP8_MAX
     if scale_kind == "saturating":
         assert np.mean(np.abs(q) == FP8_MAX) > 0.005
+
+
+@pytest.mark.parametrize("m,k,h", [(0, 4, 64), (3, 0, 64), (3, 2, 0), (0, 0, 0)])
+def test_gather_quantize_per_token_empty(rng, m, k, h):
+    """Empty inputs: the empty rows, and one scale per row (1: a token with no values)."""
+    x = jnp.asarray(rng.standard_normal((m, h)), jnp.bfloat16)
+    positions = jnp.asarray(rng.permutation(m * k).reshape(m, k), jnp.int32)
+    run = lambda x, p: w4.gather_quantize(x, p, "per_token", implementation="reference")  # noqa: E731
+    for fn in (run, jax.jit(run)):
+        q, s = fn(x, positions)
+        assert q.shape == (m * k, h) and q.dtype == jnp.float8_e4m3fn
+        assert s.shape == (m * k,) and s.dtype == jnp.float32 and np.all(np.asarray(s) == 1)
+
+
+def test_gather_quantize_per_token_non_finite_rows(rng):
+    """The non-finite rules per row: a token's scale is over its finite values only (an inf
+    saturates, a NaN stays in its element), a token with no finite value gets 1, and no token's
+    inf, NaN or size reaches another token's scale or codes."""
+    m, k = 5, 2
+    x = rng.standard_normal((m, 256)).astype(np.float32)
+    x[0, 5], x[1, 7], x[1, 8] = np.inf, -np.inf, np.nan
+    x[2] = np.nan
+    x[2, :3] = np.inf
+    x[3] *= 1e6
+    positions = jnp.asarray(rng.permutation(m * k).reshape(m, k), jnp.int32)
+    xb = x.astype(ref.BF16)
+    q, s = w4.gather_quantize(jnp.asarray(xb), positions, "per_token", implementation="reference")
+    q, s, pos = np.asarray(q.astype(jnp.float32)), np.asarray(s), np.asarray(positions)
+    x32 = xb.astype(np.float32)
+    for t in range(m):
+        finite = np.abs(x32[t][np.isfinite(x32[t])])
+        want = np.float32(finite.max()) / np.float32(448) if finite.size else np.float32(1)
+        assert np.all(s[pos[t]] == want), t
+        alone, _ = ref.quantize_fp8(x32[t:t + 1], float(want))  # the token quantized on its own
+        for row in q[pos[t]]:
+            np.testing.assert_array_equal(row, alone[0].astype(np.float32))
+    assert q[pos[0], 5].tolist() == [448.0] * k and q[pos[1], 7].tolist() == [-448.0] * k
+    assert np.isnan(q[pos[1], 8]).all() and np.isnan(q).sum() == k * (1 + 253)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -57,14 +57,17 @@ BF16_ULP = 2.0**-7  # spacing of bf16 values in [1, 2)
 DS, TP4 = DEEPSEEK_V3, DEEPSEEK_V3_TP4
 
 
-def make_lhs(rng, rows, k, outliers=True):
+def make_lhs(rng, rows, k, outliers=True, per_row=False):
     """(fp8 activations on the device, their f32 scale): quantized with a dynamic scale on the
     host (the model's quantize_fp8, bit-identical to the library's), so the device holds only
-    the fp8 rows (the f32 ones are 1.9 GB at 65536 x 7168); with ~0.1% outliers (100x) by default."""
+    the fp8 rows (the f32 ones are 1.9 GB at 65536 x 7168); with ~0.1% outliers (100x) by
+    default. per_row: rows of sizes spread over e^-3..e^3, each with its own scale (f32 [rows])."""
     x = rng.standard_normal((rows, k)).astype(np.float32)
     if outliers:
         x[rng.random((rows, k)) < 0.001] *= 100.0
-    q, scale = ref.quantize_fp8(x)
+    if per_row:
+        x *= np.exp(rng.uniform(-3, 3, size=(rows, 1))).astype(np.float32)
+    q, scale = ref.quantize_fp8(x, per_row=per_row)
     return jnp.asarray(q), scale
 
 
@@ -218,19 +221,27 @@ def max_rows(e, counts):
     return {"decode1": 8, "decode4": 32, "uniform256": 256 * e}[counts]
 
 
-def small_on_cpu(e, n, k, counts, layout):
+def with_row_scales(cases):
+    """Every case with one lhs scale (its id unchanged) and with one scale per row (id
+    "...-per_row"; the reference path only, until the kernels take them)."""
+    return [pytest.param(*c.values, per_row, id=c.id + ("-per_row" if per_row else ""))
+            for c in cases for per_row in (False, True)]
+
+
+def small_on_cpu(e, n, k, counts, layout, per_row=False):
     """The reference path runs the cases that it and the float64 model finish on the CPU in about
     a second: at most 1e7 weights and 1e9 multiply-adds, in the checkpoint layout (the tiled
     layout's equivalence on the reference path is tests/test_layout.py's)."""
     return layout == "checkpoint" and e * n * k <= 1e7 and max_rows(e, counts) * n * k <= 1e9
 
 
-@pytest.mark.parametrize("implementation,e,n,k,counts,layout", on_every_implementation(with_layouts(CASES),
-                                                                                      reference=small_on_cpu))
-def test_grouped_gemm(rng, implementation, e, n, k, counts, layout):
+@pytest.mark.parametrize("implementation,e,n,k,counts,layout,per_row",
+                         on_every_implementation(with_row_scales(with_layouts(CASES)), reference=small_on_cpu,
+                                                 cuda=lambda *case: not case[-1]))
+def test_grouped_gemm(rng, implementation, e, n, k, counts, layout, per_row):
     weights = w4_weights(rng, e, n, k, layout=layout)
     counts, extra = make_counts(rng, counts, e)
-    lhs, lhs_scale = make_lhs(rng, int(counts.sum()) + extra, k)
+    lhs, lhs_scale = make_lhs(rng, int(counts.sum()) + extra, k, per_row=per_row)
     offsets = offsets_from_counts(counts)
     got = run_poisoned(gemm(implementation), lhs, lhs_scale, weights, jnp.asarray(offsets))
     check(implementation, rng, got, lhs, lhs_scale, weights, offsets)
@@ -292,6 +303,23 @@ def test_lhs_scale_is_applied_linearly(rng, implementation):
     b = np.asarray(fn(lhs, 4.0 * s, weights, offsets))
     # Scaling by a power of two commutes with every rounding (no overflow here): exact.
     np.testing.assert_array_equal(b.astype(np.float32), 4.0 * a.astype(np.float32))
+
+
+def test_per_row_lhs_scale_scales_each_row(rng):
+    """Row r's output is multiplied by lhs_scale[r]: powers of two commute with every rounding,
+    so scaling row r by 2^j_r scales exactly its output row; equal row scales are the scalar
+    bit for bit; eagerly and under jit (a traced [R] scale)."""
+    weights = w4_weights(rng, 4, 16, 256)
+    lhs, s = make_lhs(rng, 30, 256, outliers=False)
+    offsets = jnp.asarray(offsets_from_counts(np.bincount(rng.integers(0, 4, size=25), minlength=4)))
+    fn = gemm("reference")
+    scalar = np.asarray(fn(lhs, s, weights, offsets)).astype(np.float32)
+    powers = (2.0 ** rng.integers(-3, 4, size=30)).astype(np.float32)
+    for run in (fn, lambda *a: w4.grouped_gemm(*a, implementation="reference")):
+        np.testing.assert_array_equal(np.asarray(run(lhs, np.full(30, s, np.float32), weights, offsets)),
+                                      scalar.astype(ref.BF16))
+        got = np.asarray(run(lhs, s * powers, weights, offsets)).astype(np.float32)
+        np.testing.assert_array_equal(got, scalar * powers[:, None])
 
 
 @pytest.mark.parametrize("implementation", EVERY_IMPLEMENTATION)

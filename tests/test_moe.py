@@ -153,20 +153,30 @@ def layer_fn(implementation, rsf, scales, precision=HIGHEST):
 # ------------------------------------------------------------------------------------------
 # The case list: (M, E, H, I, group_size, k, routing kind, scales). Static scales are fixed
 # numbers (a2 = 0.01 saturates the largest h at the DeepSeek-V3 shapes); the model reproduces
-# any scale's roundings, so every scale is as good a test.
+# any scale's roundings, so every scale is as good a test. "per_token": dynamic per-token
+# scales (activation_scaling="per_token"), on the reference path only until the kernels have
+# them.
 # ------------------------------------------------------------------------------------------
 SMALL = [(3, 1, 128, 128, 128, 1), (5, 8, 256, 128, 128, 2), (33, 16, 384, 256, 128, 4), (17, 32, 192, 64, 64, 8),
          (1, 4, 256, 128, 128, 4)]
 CASES = [pytest.param(*case, id="-".join(map(str, case))) for case in [
-    *[(*shape, "distinct", scales) for shape in SMALL for scales in ("dynamic", "static")],
+    *[(*shape, "distinct", scales) for shape in SMALL for scales in ("dynamic", "static", "per_token")],
     (5, 4, 128, 128, 128, 6, "duplicates", "dynamic"),
+    (5, 4, 128, 128, 128, 6, "duplicates", "per_token"),
     (40, 16, 1024, 256, 128, 8, "one_expert", "dynamic"),
+    (40, 16, 1024, 256, 128, 8, "one_expert", "per_token"),
+    (24, 16, 512, 256, 128, 8, "dropped", "per_token"),
     (300, 16, 1024, 256, 128, 8, "distinct", "static"),
     (1, TP4.experts, TP4.hidden, TP4.intermediate, 128, TP4.top_k, "distinct", "static"),
     (16, TP4.experts, TP4.hidden, TP4.intermediate, 128, TP4.top_k, "distinct", "dynamic"),
     (64, TP4.experts, TP4.hidden, TP4.intermediate, 128, TP4.top_k, "dropped", "static"),
 ]]
 STATIC_SCALES = dict(a1_scale=0.02, a2_scale=0.01)
+
+
+def scale_args(scales):
+    """moe's keyword arguments for a case's scales."""
+    return {"static": STATIC_SCALES, "dynamic": {}, "per_token": dict(activation_scaling="per_token")}[scales]
 
 
 def small_on_cpu(m, e, h, inter, gs, k, kind, scales):
@@ -176,8 +186,9 @@ def small_on_cpu(m, e, h, inter, gs, k, kind, scales):
 
 
 def kernel_shapes(m, e, h, inter, gs, k, kind, scales):
-    """The CUDA path needs group size 128 and K = H, I multiples of it."""
-    return gs == 128 and h % 128 == 0 and inter % 128 == 0
+    """The CUDA path needs group size 128 and K = H, I multiples of it, and has no per-token
+    scales yet (it refuses them: tests/test_validation.py)."""
+    return gs == 128 and h % 128 == 0 and inter % 128 == 0 and scales != "per_token"
 
 
 @pytest.mark.parametrize("implementation,m,e,h,inter,gs,k,kind,scales",
@@ -186,13 +197,14 @@ def test_moe(rng, implementation, m, e, h, inter, gs, k, kind, scales):
     p13, s13, p2, s2 = layer_weights(rng, e, h, inter, gs)
     x, ids, weights = make_routing(rng, m, h, e, k, kind)
     rsf = float(rng.uniform(0.5, 3.0))
-    static = STATIC_SCALES if scales == "static" else {}
     layout = "tiled" if implementation == "cuda" else "checkpoint"
     args = (jnp.asarray(x), jnp.asarray(ids), jnp.asarray(weights), *device_weights(p13, s13, p2, s2, gs, layout))
-    got = layer_fn(implementation, rsf, static)(*args)
+    got = layer_fn(implementation, rsf, scale_args(scales))(*args)
     if implementation == "reference":
-        assert_moe_close(got, Model(x, ids, weights, p13, s13, p2, s2, gs, routed_scaling_factor=rsf, **static))
+        assert_moe_close(got, Model(x, ids, weights, p13, s13, p2, s2, gs, routed_scaling_factor=rsf,
+                                    **scale_args(scales)))
     else:
+        static = STATIC_SCALES if scales == "static" else {}
         at = scales_to_compare_at(args, e, static, HIGHEST, rtol=2**-7)
         assert_layer_close(got, reference_on_cpu(layer_fn(R, rsf, at), *args))
 
@@ -215,21 +227,31 @@ def test_moe_default_precision(rng, m, e, h, inter, k, scales):
 # ------------------------------------------------------------------------------------------
 # Reference path: the layer equals its steps, routed_scaling_factor and dropped slots
 # ------------------------------------------------------------------------------------------
-def test_moe_equals_its_steps_and_jit(rng):
-    e, h, inter, k, m = 16, 256, 128, 4, 9
+def steps_problem(rng, e=16, h=256, inter=128, k=4, m=9):
+    """(NumPy x, ids, weights, layer weights, the layer's arguments) of the steps tests, a fifth
+    of the slots dropped (expert parallelism)."""
     p13, s13, p2, s2 = layer_weights(rng, e, h, inter)
     x, ids, weights = routed_tokens(rng, m, h, e, k)
     ids[rng.random(ids.shape) < 0.2] = e  # expert-parallel drops
-    w13, w2 = device_weights(p13, s13, p2, s2)
-    args = (jnp.asarray(x), jnp.asarray(ids), jnp.asarray(weights), w13, w2)
+    args = (jnp.asarray(x), jnp.asarray(ids), jnp.asarray(weights), *device_weights(p13, s13, p2, s2))
+    return x, ids, weights, (p13, s13, p2, s2), args
+
+
+def layer_by_steps(x, ids, weights, w13, w2, scale=None):
+    """The layer spelled out with the public steps (rsf 2.5), both requantizations at `scale`."""
+    r = w4.route(ids, w13.num_experts, implementation=R)
+    q1, s1 = w4.gather_quantize(x, r.positions, scale, implementation=R)
+    c1 = w4.grouped_gemm(q1, s1, w13, r.group_offsets, implementation=R)
+    q2, s2 = w4.silu_mul_quantize(c1, r.group_offsets, scale, implementation=R)
+    c2 = w4.grouped_gemm(q2, s2, w2, r.group_offsets, implementation=R)
+    return w4.combine(c2, r.positions, weights, 2.5, implementation=R)
+
+
+def test_moe_equals_its_steps_and_jit(rng):
+    x, ids, weights, (p13, s13, p2, s2), args = steps_problem(rng)
     got = np.asarray(w4.moe(*args, routed_scaling_factor=2.5, implementation=R))
     # The same pipeline spelled out with the public steps: bit-identical.
-    r = w4.route(args[1], e, implementation=R)
-    q1, s1 = w4.gather_quantize(args[0], r.positions, implementation=R)
-    c1 = w4.grouped_gemm(q1, s1, w13, r.group_offsets, implementation=R)
-    q2, s2_ = w4.silu_mul_quantize(c1, r.group_offsets, implementation=R)
-    c2 = w4.grouped_gemm(q2, s2_, w2, r.group_offsets, implementation=R)
-    steps = np.asarray(w4.combine(c2, r.positions, args[2], 2.5, implementation=R))
+    steps = np.asarray(layer_by_steps(*args))
     np.testing.assert_array_equal(got.view(np.uint16), steps.view(np.uint16))
     want = Model(x, ids, weights, p13, s13, p2, s2, routed_scaling_factor=2.5)
     assert_moe_close(got, want)
@@ -241,6 +263,49 @@ def test_moe_equals_its_steps_and_jit(rng):
     a1, a2 = float(im["s1"] * 1.3), float(im["s2"] * 0.9)
     want_static = Model(x, ids, weights, p13, s13, p2, s2, a1_scale=a1, a2_scale=a2, routed_scaling_factor=2.5)
     assert_moe_close(fn(*args, s1=jnp.float32(a1), s2=jnp.float32(a2)), want_static)
+
+
+def test_moe_per_token_equals_its_steps(rng):
+    """activation_scaling="per_token" is the public steps with scale="per_token": gather_quantize's
+    per-row scales (each token's, on every row it fills) and silu_mul_quantize's go to
+    grouped_gemm as they are; bit-identical eagerly and under jit."""
+    x, ids, weights, (p13, s13, p2, s2), args = steps_problem(rng)
+
+    def layer(*args):
+        return w4.moe(*args, activation_scaling="per_token", routed_scaling_factor=2.5, implementation=R)
+
+    got = np.asarray(layer(*args))
+    by_steps = lambda *a: layer_by_steps(*a, scale="per_token")  # noqa: E731
+    for other in (by_steps(*args), jax.jit(by_steps)(*args), jax.jit(layer)(*args)):
+        np.testing.assert_array_equal(got.view(np.uint16), np.asarray(other).view(np.uint16))
+    assert_moe_close(got, Model(x, ids, weights, p13, s13, p2, s2, routed_scaling_factor=2.5,
+                                activation_scaling="per_token"))
+
+
+def test_moe_per_token_non_finite_rows(rng):
+    """The non-finite rules per row: an inf in x[t] quantizes like the largest finite value of
+    its row (+-448), so it changes nothing; a NaN makes out[t] NaN. Every other token is bitwise
+    what it is with that token all zero (its rows' scales are their own), and a huge token
+    changes no other token either (with per-tensor scales it would coarsen all of them)."""
+    e, h, inter, k, m = 8, 256, 128, 3, 6
+    w13, w2 = device_weights(*layer_weights(rng, e, h, inter))
+    x, ids, weights = routed_tokens(rng, m, h, e, k)
+    clean = x.astype(np.float32)
+    bad = clean.copy()
+    for t, sign in ((0, 1), (3, -1)):  # next to the row's largest |value|, which stays: q = +-448, as for +-inf
+        col = (np.argmax(np.abs(clean[t])) + 1) % h
+        clean[t, col], bad[t, col] = sign * np.abs(clean[t]).max(), sign * np.inf
+    bad[1, 100] = np.nan
+    bad[4] *= 1e4
+    zeroed = clean.copy()
+    zeroed[[1, 4]] = 0
+    layer = jax.jit(lambda x: w4.moe(x, jnp.asarray(ids), jnp.asarray(weights), w13, w2, activation_scaling="per_token",
+                                     routed_scaling_factor=2.5, implementation=R).astype(jnp.float32))
+    got, want = (np.asarray(layer(jnp.asarray(a, jnp.bfloat16))) for a in (bad, zeroed))
+    others = ~np.isin(np.arange(m), [1, 4])
+    assert np.isnan(got[1]).all() and np.isfinite(got[4]).all() and np.any(got[4])
+    assert np.isfinite(got[others]).all() and np.any(got[others])
+    np.testing.assert_array_equal(got[others], want[others])
 
 
 def test_moe_routed_scaling_factor_and_drops(rng):
@@ -279,15 +344,16 @@ def deepseek_weights(module_rng):
     return seed, w13, w2, np_views
 
 
-@pytest.mark.parametrize("m", [1, 3, 16, 64])
-def test_moe_deepseek_shapes(rng, deepseek_weights, m):
+@pytest.mark.parametrize("m,scaling", [pytest.param(m, "per_tensor", id=str(m)) for m in (1, 3, 16, 64)]
+                         + [pytest.param(16, "per_token", id="16-per_token")])
+def test_moe_deepseek_shapes(rng, deepseek_weights, m, scaling):
     wseed, w13, w2, (p13, s13, p2, s2) = deepseek_weights
     assert p13.shape == (TP4.experts, 2 * TP4.intermediate, TP4.hidden // 2)
     assert p2.shape == (TP4.experts, TP4.hidden, TP4.intermediate // 2)
     x, ids, weights = routed_tokens(rng, m, TP4.hidden, TP4.experts, TP4.top_k)
-    got = w4.moe(jnp.asarray(x), jnp.asarray(ids), jnp.asarray(weights), w13, w2,
+    got = w4.moe(jnp.asarray(x), jnp.asarray(ids), jnp.asarray(weights), w13, w2, activation_scaling=scaling,
                  routed_scaling_factor=TP4.routed_scaling_factor, implementation=R)
-    want = Model(x, ids, weights, p13, s13, p2, s2,
+    want = Model(x, ids, weights, p13, s13, p2, s2, activation_scaling=scaling,
                  routed_scaling_factor=TP4.routed_scaling_factor)  # only the experts hit
     assert_moe_close(got, want, f"(weights seed {wseed})")
 

@@ -144,3 +144,31 @@ def test_defaults_taken_from_nowhere_warn(tmp_path, rng):
     with pytest.warns(UserWarning) as record:
         DeepseekV3MoE.from_checkpoint(tmp_path, layers=2, shared_experts=False, progress=False, **ROUTER)
     assert [str(w.message).endswith("the router bias is zero") for w in record] == [True]
+
+
+def test_block_runs_the_checkpoints_activation_scaling(rng, tmp_path):
+    """A compressed-tensors W4AFP8 checkpoint declares dynamic per-token activation scales: the
+    block from_checkpoint builds runs them (bitwise `moe` with activation_scaling="per_token" on
+    the block's own router and weights); activation_scaling= overrides the declaration; a value
+    other than the two raises, naming it."""
+    from test_checkpoint_compressed_tensors import draw, write_ct
+
+    write_ct(tmp_path, rng, draw(rng, layers=(1, 2)))
+    x = jnp.asarray(rng.standard_normal((M, H)) * np.exp(rng.uniform(-3, 3, (M, 1))), jnp.bfloat16)
+    outputs = {}
+    for scaling in ("per_token", "per_tensor"):
+        override = {} if scaling == "per_token" else {"activation_scaling": scaling}
+        with pytest.warns(UserWarning, match="per-token"):  # load_moe_experts' note on the declaration
+            block = DeepseekV3MoE.from_checkpoint(tmp_path, layers=2, shared_experts=False, progress=False,
+                                                  **ROUTER, **override)
+        assert block.activation_scaling == scaling
+        logits = jnp.dot(jnp.asarray(x, jnp.float32), block.gate_weight[...].T, precision=jax.lax.Precision.HIGHEST)
+        tw, ids = w4.deepseek_topk(logits, block.e_score_correction_bias[...], top_k=2, n_group=2, topk_group=1)
+        want = w4.moe(x, ids, tw, block.w13.get_value(), block.w2.get_value(), activation_scaling=scaling,
+                      routed_scaling_factor=2.5, implementation="reference")
+        outputs[scaling] = np.asarray(block(x).astype(jnp.float32))
+        np.testing.assert_array_equal(outputs[scaling], np.asarray(want.astype(jnp.float32)))
+    assert not np.array_equal(outputs["per_token"], outputs["per_tensor"])
+    with pytest.raises(ValueError, match="activation_scaling must be one of"):
+        DeepseekV3MoE(block.gate_weight[...], None, block.w13.get_value(), block.w2.get_value(),
+                      activation_scaling="per_row")

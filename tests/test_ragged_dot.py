@@ -87,6 +87,27 @@ def test_float_lhs_static_and_dynamic_scale(operands, dtype):
     np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), np.asarray(explicit.astype(jnp.float32)))
 
 
+def test_per_row_scales(operands):
+    """An fp8 lhs with one scale per row [M], and a float lhs with lhs_scale="per_token" (each
+    row's own dynamic scale, the same as quantize_fp8(x, "per_token") gives), eagerly and under
+    jit; rows of very different sizes, so one scale for all would lose the small ones."""
+    x, rhs = operands
+    x = x * np.exp(np.linspace(-4, 4, M, dtype=np.float32))[:, None]
+    sizes = jnp.asarray(SIZES, jnp.int32)
+    scales = np.abs(x).max(axis=1) / np.float32(448)
+    q = np.clip(x / scales[:, None], -448, 448).astype(ml_dtypes.float8_e4m3fn)
+    want_lhs = q.astype(np.float32) * scales[:, None]
+    got = w4.ragged_dot(jnp.asarray(q), rhs, sizes, lhs_scale=scales, implementation="reference")
+    assert_matches(got, want_lhs, rhs)
+    for run in (w4.ragged_dot, jax.jit(w4.ragged_dot, static_argnames=("lhs_scale", "implementation"))):
+        per_token = run(jnp.asarray(x), rhs, sizes, lhs_scale="per_token", implementation="reference")
+        np.testing.assert_array_equal(np.asarray(per_token.astype(jnp.float32)), np.asarray(got.astype(jnp.float32)))
+    tensor = w4.ragged_dot(jnp.asarray(x), rhs, sizes, implementation="reference")  # the small rows lose codes
+    want, _ = lax_reference(want_lhs, rhs, SIZES)
+    err = lambda out: np.linalg.norm(np.asarray(out.astype(jnp.float32))[:3] - want[:3])  # noqa: E731
+    assert err(tensor) > 10 * err(got)  # group 0: the smallest rows
+
+
 def test_float32_output_and_drop_in_for_lax(operands):
     x, rhs = operands
     sizes = jnp.asarray(SIZES, jnp.int32)
@@ -122,6 +143,17 @@ def test_errors_name_the_argument(operands):
         w4.ragged_dot(x, rhs, np.asarray([3, -1, 7, 5], np.int32))
     with pytest.raises(ValueError, match="group_sizes must sum to at most the 20 rows of lhs, got sum 25"):
         w4.ragged_dot(x, rhs, jnp.asarray([3, 0, 7, 15], jnp.int32))
+    q = jnp.asarray(x).astype(jnp.float8_e4m3fn)
+    with pytest.raises(ValueError, match="lhs_scale is required with an fp8 lhs .* got 'per_token'"):
+        w4.ragged_dot(q, rhs, sizes, lhs_scale="per_token")
+    with pytest.raises(ValueError, match=r"lhs_scale must be a scalar or hold one scale per row of lhs, shape \(20,\)"):
+        w4.ragged_dot(q, rhs, sizes, lhs_scale=np.ones(19, np.float32))
+    with pytest.raises(ValueError, match=r"lhs_scale\[3\] is -1.0: row scales must be finite"):
+        w4.ragged_dot(q, rhs, sizes, lhs_scale=np.where(np.arange(M) == 3, -1.0, 0.01))
+    with pytest.raises(ValueError, match=r"lhs_scale of shape \(20,\): a float lhs is quantized with a static"):
+        w4.ragged_dot(x, rhs, sizes, lhs_scale=np.ones(M, np.float32))
+    with pytest.raises(ValueError, match='lhs_scale must be a number, None .* or "per_token"'):
+        w4.ragged_dot(x, rhs, sizes, lhs_scale="per_row")
 
 
 def test_traced_group_sizes_past_m_are_clipped(operands):

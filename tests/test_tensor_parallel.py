@@ -139,16 +139,27 @@ def test_host_weights_stay_on_the_host(layer_weights):
 
 
 # Every size, routing and scale kind, both token placements (skewed: sharded), without the full product.
-@pytest.mark.parametrize("size,kind,static", [
-    (2, "uniform", True), (2, "skewed", False), (2, "dropped", False), (4, "uniform", False), (4, "skewed", True),
-    (8, "dropped", True), (8, "skewed", False),
-])
-def test_tensor_parallel_layer_equals_single_device(rng, layer_weights, size, kind, static):
+# Per-token scales: a token's needs nothing from the other devices, a (token, slot) row of h is
+# split by columns over them (its scale: the max over the devices of the row's amax).
+SCALES = {"static": dict(a1_scale=0.02, a2_scale=0.01), "dynamic": {},
+          "per_token": dict(activation_scaling="per_token")}
+SCALE_IDS = {"static": "True", "dynamic": "False", "per_token": "per_token"}  # the ids (seeds) of a former bool
+LAYER_CASES = [pytest.param(size, kind, scales, id=f"{size}-{kind}-{SCALE_IDS[scales]}")
+               for size, kind, scales in [
+                   (2, "uniform", "static"), (2, "skewed", "dynamic"), (2, "dropped", "dynamic"),
+                   (4, "uniform", "dynamic"), (4, "skewed", "static"), (8, "dropped", "static"), (8, "skewed", "dynamic"),
+                   (2, "uniform", "per_token"), (4, "skewed", "per_token"), (8, "dropped", "per_token")]]
+
+
+@pytest.mark.parametrize("size,kind,scales", LAYER_CASES)
+def test_tensor_parallel_layer_equals_single_device(rng, layer_weights, size, kind, scales):
     mesh = mesh_of(size)
     w13, w2 = layer_weights
     ids, tw = make_routing(rng, kind)
     x = jnp.asarray(rng.standard_normal((TOKENS, H)), jnp.bfloat16)
-    scales = dict(a1_scale=0.02, a2_scale=0.01) if static else {}
+    if scales == "per_token":  # tokens of very different sizes: per-token scales differ
+        x = x * jnp.exp(jnp.asarray(rng.uniform(-3, 3, (TOKENS, 1)), jnp.float32)).astype(jnp.bfloat16)
+    scales = SCALES[scales]
     token_sharded = kind == "skewed"  # both input placements, without doubling the cases
     w13_tp, w2_tp = w4.shard_tensor_parallel(w13, w2, size)
     placed = NamedSharding(mesh, PartitionSpec(None, "tp"))

@@ -332,6 +332,126 @@ def test_kernel_layout_errors_name_the_argument(rng, monkeypatch):
         w4.moe_tensor_parallel(*layer, mesh=mesh, axis_name="ep", implementation="cuda")
 
 
+# ------------------------------------------------------------------------------------------
+# Per-token and per-row scales
+# ------------------------------------------------------------------------------------------
+def per_token_calls(rng, p):
+    """Every public entry point asked for per-token or per-row scales, by argument name."""
+    r = w4.route(p["topk_ids"], E, implementation="reference")
+    lhs = jnp.asarray(rng.standard_normal((M * K, H)), jnp.float8_e4m3fn)
+    c1 = jnp.asarray(rng.standard_normal((M * K, 2 * I)), jnp.bfloat16)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("ep",))
+    layer = (p["x"], p["topk_ids"], p["topk_weights"], p["w13"], p["w2"])
+    sizes = jnp.asarray([M * K, 0, 0, 0], jnp.int32)
+    return {
+        "moe activation_scaling": lambda impl: call_moe(p, activation_scaling="per_token", implementation=impl),
+        "moe_expert_parallel activation_scaling": lambda impl: w4.moe_expert_parallel(
+            *layer, mesh=mesh, activation_scaling="per_token", implementation=impl),
+        "moe_tensor_parallel activation_scaling": lambda impl: w4.moe_tensor_parallel(
+            *layer, mesh=mesh, axis_name="ep", activation_scaling="per_token", implementation=impl),
+        "gather_quantize scale": lambda impl: w4.gather_quantize(p["x"], r.positions, "per_token", implementation=impl),
+        "silu_mul_quantize scale": lambda impl: w4.silu_mul_quantize(c1, r.group_offsets, "per_token",
+                                                                     implementation=impl),
+        "grouped_gemm lhs_scale": lambda impl: w4.grouped_gemm(lhs, jnp.full(M * K, 0.1), p["w13"], r.group_offsets,
+                                                               implementation=impl),
+        "ragged_dot lhs_scale": lambda impl: w4.ragged_dot(lhs, p["w13"], sizes, lhs_scale=np.full(M * K, 0.1),
+                                                           implementation=impl),
+        "ragged_dot(float) lhs_scale": lambda impl: w4.ragged_dot(lhs.astype(jnp.float32), p["w13"], sizes,
+                                                                  lhs_scale="per_token", implementation=impl),
+    }
+
+
+def test_per_token_runs_on_the_reference_path(rng, problem):
+    """The baseline of the next test: every call is valid on the reference path."""
+    for what, call in per_token_calls(rng, problem).items():
+        assert jax.tree.leaves(call("reference")), what
+
+
+def test_per_token_is_refused_on_the_cuda_path(rng, problem, monkeypatch):
+    """The CUDA kernels take one scale per tensor so far: per-token and per-row scales raise a
+    ValueError naming the argument before anything runs (tested with the CUDA path's choice
+    forced, on any machine: a kernel reached here would fail differently)."""
+    from w4afp8_jax import _backend
+
+    calls = per_token_calls(rng, problem)
+    monkeypatch.setattr(_backend, "resolve", lambda implementation: "cuda")
+    for what, call in calls.items():
+        arg = what.split()[-1]
+        with pytest.raises(ValueError, match=rf"^{arg}: per-\w+ (activation )?scales .* are not supported by the CUDA "
+                                             r"kernels yet .*implementation='reference' computes them"):
+            call("cuda")
+
+
+@pytest.mark.parametrize("value", ["per_row", "PER_TOKEN", "", None, 1, ["per_token"]])
+def test_bad_activation_scaling_is_named(problem, value):
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("ep",))
+    layer = (problem["x"], problem["topk_ids"], problem["topk_weights"], problem["w13"], problem["w2"])
+    for call in (lambda: call_moe(problem, activation_scaling=value),
+                 lambda: w4.moe_expert_parallel(*layer, mesh=mesh, activation_scaling=value,
+                                                implementation="reference"),
+                 lambda: w4.moe_tensor_parallel(*layer, mesh=mesh, axis_name="ep", activation_scaling=value,
+                                                implementation="reference")):
+        with pytest.raises(ValueError, match=r"^activation_scaling must be one of \('per_tensor', 'per_token'\)"):
+            call()
+
+
+@pytest.mark.parametrize("arg", ["a1_scale", "a2_scale"])
+def test_per_token_takes_no_static_scales(problem, arg):
+    """Per-token scales are dynamic; static scales are per tensor: both at once is refused."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("ep",))
+    layer = (problem["x"], problem["topk_ids"], problem["topk_weights"], problem["w13"], problem["w2"])
+    kw = {arg: 0.02, "activation_scaling": "per_token"}
+    for call in (lambda: call_moe(problem, **kw),
+                 lambda: w4.moe_expert_parallel(*layer, mesh=mesh, implementation="reference", **kw),
+                 lambda: w4.moe_tensor_parallel(*layer, mesh=mesh, axis_name="ep", implementation="reference", **kw)):
+        with pytest.raises(ValueError, match=rf"^{arg} must be None with activation_scaling='per_token'"):
+            call()
+
+
+def test_bad_per_row_lhs_scales(rng, problem):
+    """grouped_gemm's lhs_scale [R]: one per row of lhs, each finite and >= 2**-126 (the scalar
+    rule), checked on its device when concrete; a traced one is not inspected."""
+    w = weights(rng, E, 16, 256)
+    lhs = jnp.asarray(rng.standard_normal((10, 256)), jnp.float8_e4m3fn)
+    off = jnp.asarray([0, 3, 3, 7, 9], jnp.int32)
+    good = np.full(10, 0.1, np.float32)
+    gemm = lambda s: w4.grouped_gemm(lhs, s, w, off, implementation="reference")  # noqa: E731
+    for bad in (good[:9], np.ones((10, 1)), np.ones((2, 5)), jnp.ones(11)):
+        with pytest.raises(ValueError, match=r"^lhs_scale must be a scalar or hold one scale per row of lhs, "
+                                             r"shape \(10,\)"):
+            gemm(bad)
+    for value in (0.0, -1.0, np.nan, np.inf, 1e-39, 1e39):
+        bad = good.astype(np.float64)
+        bad[7] = value
+        with np.errstate(over="ignore", under="ignore"):
+            on_device = jnp.asarray(bad.astype(np.float32))
+        for scales in (bad, on_device):  # float64 on the host: checked as the f32 it becomes
+            with pytest.raises(ValueError, match=r"^lhs_scale\[7\] is .*: row scales must be finite and at least the "
+                                                 r"smallest normal float32"):
+                gemm(scales)
+    with pytest.raises(TypeError, match="^lhs_scale must hold real numbers, got dtype bool"):
+        gemm(np.ones(10, bool))
+    assert gemm(good).shape == (10, 16) and gemm(list(good)).shape == (10, 16)  # host arrays and lists
+    assert gemm(np.ones(1, np.float32)).shape == (10, 16)  # a size-1 array is a scalar
+    traced = jax.jit(gemm)(jnp.asarray(good))  # a traced [R] scale cannot be checked, only shaped
+    np.testing.assert_array_equal(np.asarray(traced), np.asarray(gemm(good)))
+    with pytest.raises(ValueError, match="lhs_scale must be a scalar or hold one scale per row"):
+        jax.jit(gemm)(jnp.ones(9))
+
+
+@pytest.mark.parametrize("value", ["per_row", "dynamic", ""])
+def test_bad_scale_strings_are_named(rng, problem, value):
+    r = w4.route(problem["topk_ids"], E, implementation="reference")
+    c1 = jnp.asarray(rng.standard_normal((M * K, 2 * I)), jnp.bfloat16)
+    for call in (lambda: w4.quantize_fp8(problem["x"], value),
+                 lambda: w4.gather_quantize(problem["x"], r.positions, value, implementation="reference"),
+                 lambda: w4.silu_mul_quantize(c1, r.group_offsets, value, implementation="reference")):
+        with pytest.raises(ValueError, match=r'^scale must be a number, None \(dynamic per tensor\) or "per_token"'):
+            call()
+    with pytest.raises(ValueError, match='scale="per_token" needs an x of rank >= 1'):
+        w4.quantize_fp8(jnp.float32(3.0), "per_token")
+
+
 @pytest.mark.skipif(not w4.grouped_gemm_configs(), reason="the configuration names come from the CUDA module")
 def test_grouped_gemm_config_is_checked_on_the_reference_path_too(rng):
     """A typo in config= shows on the CPU, not only once the code meets a GPU."""

@@ -14,13 +14,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ._validate import check_static_scale
+from ._validate import PER_TOKEN
 from .fp8 import finite_amax, scale_from_amax
+from .moe import check_activation_scales
 from .ops.combine import check_routed_scaling_factor, combine_f32
 from .ops.gather_quantize import gather_quantize
 from .ops.grouped_gemm import grouped_gemm, is_exact
 from .ops.route import route
-from .ops.silu_mul_quantize import kept_silu_mul, silu_mul_quantize
+from .ops.silu_mul_quantize import silu_mul_quantize_unchecked
 from .weights import W4Weights
 
 
@@ -40,25 +41,36 @@ def check_precision(precision) -> None:
 def global_scale(values: jax.Array, axis_name: str) -> jax.Array:
     """The dynamic per-tensor scale of a tensor spread over the devices of `axis_name`: the max
     over devices of each device's amax (a device may hold no rows at all: amax 0)."""
-    return scale_from_amax(jax.lax.pmax(finite_amax(values), axis_name))  # finite values only (docs/numerics.md)
+    return scale_from_amax(max_over(axis_name)(finite_amax(values)))  # finite values only (docs/numerics.md)
 
 
-def partial_layer(x, topk_ids, topk_weights, w13, w2, *, num_experts: int, axis_name: str, a1_scale, a2_scale,
-                  routed_scaling_factor: float, precision, impl: str) -> jax.Array:
+def max_over(axis_name: str):
+    """amax -> its max over the devices of `axis_name` (a scalar, or per row [R] when every
+    device holds a part of the same rows)."""
+    return lambda amax: jax.lax.pmax(amax, axis_name)
+
+
+def partial_layer(x, topk_ids, topk_weights, w13, w2, *, num_experts: int, axis_name: str, columns_split: bool,
+                  a1_scale, a2_scale, per_token: bool, routed_scaling_factor: float, precision,
+                  impl: str) -> jax.Array:
     """One device's share of the layer for tokens every device holds, f32 [M, H], unrounded.
 
     topk_ids: this device's expert ids in [0, num_experts) (other ids: slots computed
     elsewhere, dropped here); w13 / w2: this device's weights. x being the same on every device,
-    a dynamic a1 scale computed here is the global one; a dynamic a2 scale is the max over the
-    devices of `axis_name` of the amax of their SiLU*up values, which is the one-device layer's
-    amax when every kept (row, column) of h lives on exactly one device.
+    a dynamic a1 scale computed here is the global one, per tensor or per token. A dynamic a2
+    scale per tensor is the max over the devices of `axis_name` of the amax of their SiLU*up
+    values, which is the one-device layer's amax when every kept (row, column) of h lives on
+    exactly one device. Per token, a row's h lives on one device (columns_split False: expert
+    parallelism, whose devices hold different rows, so the row's own amax is the one-device
+    layer's) or is split by columns over all of them (columns_split: tensor parallelism, the
+    same rows on every device: the max over the devices of each row's amax).
     """
     routing = route(topk_ids, num_experts, implementation=impl)
-    q1, s1 = gather_quantize(x, routing.positions, a1_scale, implementation=impl)
+    q1, s1 = gather_quantize(x, routing.positions, PER_TOKEN if per_token else a1_scale, implementation=impl)
     c1 = grouped_gemm(q1, s1, w13, routing.group_offsets, precision=precision, implementation=impl)
-    if a2_scale is None:
-        a2_scale = global_scale(kept_silu_mul(c1, routing.group_offsets), axis_name)
-    q2, s2 = silu_mul_quantize(c1, routing.group_offsets, a2_scale, implementation=impl)
+    local_rows = per_token and not columns_split
+    q2, s2 = silu_mul_quantize_unchecked(c1, routing.group_offsets, a2_scale, impl, per_token=per_token,
+                                         global_amax=None if local_rows else max_over(axis_name))
     c2 = grouped_gemm(q2, s2, w2, routing.group_offsets, precision=precision, implementation=impl)
     return combine_f32(c2, routing.positions, topk_weights, routed_scaling_factor)
 
@@ -79,17 +91,18 @@ def sum_shares(partial: jax.Array, axis_name: str, *, token_sharded: bool) -> ja
     return total.astype(jnp.bfloat16)
 
 
-def layer_settings(x, *, size: int, axis_name: str, token_sharded: bool, a1_scale, a2_scale, precision,
-                   routed_scaling_factor, impl: str) -> dict:
+def layer_settings(x, *, size: int, axis_name: str, token_sharded: bool, a1_scale, a2_scale, activation_scaling,
+                   precision, routed_scaling_factor, impl: str) -> dict:
     """The checked keyword arguments of `partial_layer` that both multi-GPU layers take from
-    their callers (raises ValueError for uneven token splits and bad scales)."""
+    their callers (raises ValueError for uneven token splits, bad scales or scaling)."""
     num_tokens = np.shape(x)[0]
     if token_sharded and num_tokens % size:
         raise ValueError(f"x: {num_tokens} tokens do not split evenly over the {size} devices of {axis_name!r} "
                          f"(token_sharded=True, expert parallelism's default, splits the batch: pad it to a "
                          f"multiple of {size}, or pass token_sharded=False to replicate it)")
     check_precision(precision)
-    return dict(a1_scale=check_static_scale("a1_scale", a1_scale), a2_scale=check_static_scale("a2_scale", a2_scale),
+    a1_scale, a2_scale, per_token = check_activation_scales(a1_scale, a2_scale, activation_scaling, impl)
+    return dict(a1_scale=a1_scale, a2_scale=a2_scale, per_token=per_token,
                 routed_scaling_factor=check_routed_scaling_factor(routed_scaling_factor), precision=precision,
                 impl=impl)
 

@@ -172,6 +172,66 @@ def check_static_scale(name: str, scale) -> jax.Array | None:
     return jnp.asarray(v32, dtype=jnp.float32)
 
 
+PER_TOKEN = "per_token"
+ACTIVATION_SCALINGS = ("per_tensor", PER_TOKEN)
+
+
+def check_scale(name: str, scale) -> tuple[jax.Array | None, bool]:
+    """A quantizer's scale argument: (the static scale as an f32 scalar, False) for a number
+    (`check_static_scale`), (None, False) for None (dynamic per tensor), (None, True) for
+    "per_token" (dynamic per row)."""
+    if isinstance(scale, str):
+        if scale != PER_TOKEN:
+            raise ValueError(f'{name} must be a number, None (dynamic per tensor) or "per_token" (dynamic per row), '
+                             f"got {scale!r}")
+        return None, True
+    return check_static_scale(name, scale), False
+
+
+def require_reference_path(name: str, what: str, impl: str) -> None:
+    """Raise ValueError naming `name` when the CUDA path (impl == "cuda") is asked for `what`,
+    which only the reference path computes so far (the kernels take one scale per tensor)."""
+    if impl == "cuda":
+        raise ValueError(f"{name}: {what} are not supported by the CUDA kernels yet (they take one scale per "
+                         "tensor); implementation='reference' computes them")
+
+
+def check_activation_scaling(activation_scaling, impl: str) -> bool:
+    """Whether `activation_scaling` asks for per-token scales; raises ValueError naming it for a
+    value outside ACTIVATION_SCALINGS, and for "per_token" on the CUDA path."""
+    if not isinstance(activation_scaling, str) or activation_scaling not in ACTIVATION_SCALINGS:
+        raise ValueError(f"activation_scaling must be one of {ACTIVATION_SCALINGS}, got {activation_scaling!r}")
+    per_token = activation_scaling == PER_TOKEN
+    if per_token:
+        require_reference_path("activation_scaling", "per-token activation scales ('per_token')", impl)
+    return per_token
+
+
+def check_lhs_scale(name: str, scale, num_rows: int, impl: str) -> jax.Array:
+    """A GEMM's lhs scale as f32: a scalar (`check_static_scale`), or one scale per row of lhs
+    (shape [num_rows]; a size-1 array is a scalar), each of which must be finite and at least
+    MIN_SCALE when concrete (checked on its device; a traced one cannot be inspected). Raises
+    ValueError / TypeError naming `name`; for per-row scales on the CUDA path too."""
+    if np.size(scale) == 1 or np.ndim(scale) == 0:
+        return check_static_scale(name, scale)
+    if np.shape(scale) != (num_rows,):
+        raise ValueError(f"{name} must be a scalar or hold one scale per row of lhs, shape ({num_rows},); "
+                         f"got shape {tuple(np.shape(scale))}")
+    require_reference_path(name, "per-row scales (shape [R])", impl)
+    if not is_real_dtype(dtype_of(scale)):
+        raise TypeError(f"{name} must hold real numbers, got dtype {dtype_of(scale)}")
+    if isinstance(scale, jax.core.Tracer):
+        return scale.astype(jnp.float32)
+    with jax.ensure_compile_time_eval(), np.errstate(over="ignore", under="ignore"):  # concrete: checked now
+        values = jnp.asarray(scale, jnp.float32)  # values beyond f32's range become inf or 0, and are refused
+        bad = ~(jnp.isfinite(values) & (values >= MIN_SCALE))
+        first = int(jnp.argmax(bad)) if bool(jnp.any(bad)) else None
+    if first is not None:
+        raise ValueError(f"{name}[{first}] is {float(np.asarray(scale)[first])}: row scales must be finite and at "
+                         f"least the smallest normal float32 ({MIN_SCALE:.6g} = 2**-126)")
+    return values
+
+
 # ---------------------------------------------------------------------------------------------
 # Differentiation
 # ---------------------------------------------------------------------------------------------

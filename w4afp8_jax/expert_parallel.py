@@ -10,11 +10,12 @@ moves M*H activations in and M*H f32 shares out, whatever k is.
 dispatch="all_to_all": per shard (P shards, E/P experts each, m = M/P tokens)
   1. route each (token, slot) to the shard owning its expert (`route` with P "experts");
   2. quantize the tokens once with a scale every shard agrees on (static, or the pmax of the
-     local amax), scatter them into a static send buffer [P, m*k, H] (room for every slot going
-     to one shard, so nothing is ever dropped for capacity) and all_to_all it with the local
-     expert ids;
+     local amax; per token: each token's own), scatter them into a static send buffer
+     [P, m*k, H] (room for every slot going to one shard, so nothing is ever dropped for
+     capacity) and all_to_all it with the local expert ids (and, per token, the rows' scales);
   3. on the received rows: `route` over the local experts, grouped GEMM 1, SiLU*up requantized
-     (dynamic scale: pmax of the local amax), grouped GEMM 2, rows back in arrival order;
+     (dynamic scale: pmax of the local amax; per token: each row's own), grouped GEMM 2, rows
+     back in arrival order;
   4. all_to_all the results back and `combine` them with the routing weights.
 It sends one row per slot (k rows per token) in a buffer P times larger than the rows sent:
 more bytes than the all_gather dispatch whenever k >= P (DeepSeek-V3: k = 8).
@@ -30,24 +31,23 @@ import numpy as np
 from jax.sharding import Mesh
 
 from . import _backend
-from ._parallel import (axis_size, empty_output, gather_tokens, global_scale, layer_settings, partial_layer, shard_layer,
-                        sum_shares)
-from ._validate import FP8_DTYPE
-from .fp8 import saturate_to_fp8
+from ._parallel import (axis_size, empty_output, gather_tokens, global_scale, layer_settings, max_over, partial_layer,
+                        shard_layer, sum_shares)
+from .fp8 import dynamic_scale, saturate_to_fp8
 from .moe import check_moe_args
 from .ops.combine import combine
+from .ops.gather_quantize import scatter_rows
 from .ops.grouped_gemm import grouped_gemm
 from .ops.route import DROPPED, route
-from .ops.silu_mul_quantize import kept_silu_mul, silu_mul_quantize
+from .ops.silu_mul_quantize import silu_mul_quantize_unchecked
 from .weights import W4Weights
 
 DISPATCHES = ("all_gather", "all_to_all")
 
 
 def _all_to_all_layer(x, topk_ids, topk_weights, w13, w2, *, axis_name, num_shards, num_experts, a1_scale,
-                      a2_scale, routed_scaling_factor, precision, impl):
+                      a2_scale, per_token, routed_scaling_factor, precision, impl):
     m, k = topk_ids.shape
-    hidden = x.shape[1]
     local_experts = num_experts // num_shards
     capacity = m * k
 
@@ -58,28 +58,33 @@ def _all_to_all_layer(x, topk_ids, topk_weights, w13, w2, *, axis_name, num_shar
     slot_in_dest = to_shards.positions - to_shards.group_offsets[jnp.minimum(dest, num_shards - 1)]
     send_index = jnp.where(valid, dest * capacity + slot_in_dest, DROPPED)  # [m, k]
 
-    # 2. fp8 rows and local expert ids out to their shards.
+    # 2. fp8 rows and local expert ids (per token: the rows' scales too) out to their shards.
     x32 = x.astype(jnp.float32)
-    scale1 = a1_scale if a1_scale is not None else global_scale(x32, axis_name)
-    q = jnp.repeat(saturate_to_fp8(x32, scale1), k, axis=0)
+    if a1_scale is not None:
+        scale1 = a1_scale
+    else:  # a token's amax is its own; a tensor's is the max over the shards' tokens
+        scale1 = dynamic_scale(x32, per_row=True) if per_token else global_scale(x32, axis_name)
     target = jnp.where(send_index >= 0, send_index, num_shards * capacity).reshape(-1)
-    send_rows = jnp.zeros((num_shards * capacity, hidden), FP8_DTYPE).at[target].set(q, mode="drop")
+    send = lambda per_slot, fill: scatter_rows(per_slot, target, num_shards * capacity, fill)  # noqa: E731
+    per_slot = lambda per_token_values: jnp.repeat(per_token_values, k, axis=0)  # noqa: E731
     local_ids = jnp.where(valid, topk_ids - dest * local_experts, local_experts).astype(jnp.int32)
-    send_ids = jnp.full((num_shards * capacity,), local_experts, jnp.int32).at[target].set(
-        local_ids.reshape(-1), mode="drop")
     exchange = lambda a: jax.lax.all_to_all(a.reshape(num_shards, capacity, *a.shape[1:]), axis_name, 0, 0,
                                             tiled=True).reshape(a.shape)
-    recv_rows, recv_ids = exchange(send_rows), exchange(send_ids)
+    recv_rows = exchange(send(per_slot(saturate_to_fp8(x32, scale1)), 0))
+    recv_ids = exchange(send(local_ids.reshape(-1), local_experts))
 
     # 3. The local experts' FFN on the received rows (empty rows carry id = local_experts: dropped).
     local = route(recv_ids[:, None], local_experts, implementation=impl)
     order = local.positions[:, 0]
     rows = jnp.where(order >= 0, order, recv_ids.shape[0])
-    sorted_rows = jnp.zeros_like(recv_rows).at[rows].set(recv_rows, mode="drop")
-    c1 = grouped_gemm(sorted_rows, scale1, w13, local.group_offsets, precision=precision, implementation=impl)
-    if a2_scale is None:
-        a2_scale = global_scale(kept_silu_mul(c1, local.group_offsets), axis_name)
-    q2, scale2 = silu_mul_quantize(c1, local.group_offsets, a2_scale, implementation=impl)
+    in_expert_order = lambda received, fill: scatter_rows(received, rows, recv_ids.shape[0], fill)  # noqa: E731
+    if per_token:  # rows no slot filled keep scale 1, as in gather_quantize
+        scale1 = in_expert_order(exchange(send(per_slot(scale1), 1.0)), 1.0)
+    c1 = grouped_gemm(in_expert_order(recv_rows, 0), scale1, w13, local.group_offsets, precision=precision,
+                      implementation=impl)
+    # A received row's h is all on this shard: per token its own amax is the global one.
+    q2, scale2 = silu_mul_quantize_unchecked(c1, local.group_offsets, a2_scale, impl, per_token=per_token,
+                                             global_amax=None if per_token else max_over(axis_name))
     c2 = grouped_gemm(q2, scale2, w2, local.group_offsets, precision=precision, implementation=impl)
     back = jnp.where((order >= 0)[:, None], c2[jnp.maximum(order, 0)], jnp.zeros((), c2.dtype))
 
@@ -95,14 +100,14 @@ def _all_gather_layer(x, topk_ids, topk_weights, w13, w2, *, axis_name, num_expe
     mine = (topk_ids >= first) & (topk_ids < first + local_experts)
     local_ids = jnp.where(mine, topk_ids - first, local_experts).astype(jnp.int32)
     partial = partial_layer(x, local_ids, topk_weights, w13, w2, num_experts=local_experts, axis_name=axis_name,
-                            **layer)
+                            columns_split=False, **layer)
     return sum_shares(partial, axis_name, token_sharded=token_sharded)
 
 
 def moe_expert_parallel(x, topk_ids, topk_weights, w13: W4Weights, w2: W4Weights, *, mesh: Mesh,
                         axis_name: str = "ep", dispatch: str = "all_gather", token_sharded: bool = True,
-                        a1_scale=None, a2_scale=None, routed_scaling_factor: float = 1.0, precision=None,
-                        implementation: str = "auto") -> jax.Array:
+                        a1_scale=None, a2_scale=None, activation_scaling: str = "per_tensor",
+                        routed_scaling_factor: float = 1.0, precision=None, implementation: str = "auto") -> jax.Array:
     """`moe` with the experts (w13, w2: expert axis) sharded over `axis_name` of `mesh`.
 
     x: float [M, H]; topk_ids: integer [M, k]; topk_weights: float [M, k]: sharded along tokens
@@ -117,7 +122,10 @@ def moe_expert_parallel(x, topk_ids, topk_weights, w13: W4Weights, w2: W4Weights
     function's argument committed to devices other than the mesh's makes JAX raise ValueError
     "Received incompatible devices": device_put it onto the mesh first, or close over it).
     dispatch: "all_gather" or "all_to_all" (module docstring: what each moves). Other arguments
-    as in `moe`; dynamic scales are global maxima over all devices.
+    as in `moe`; dynamic per-tensor scales are global maxima over all devices. Per-token scales
+    (activation_scaling="per_token") need no cross-device max: a token's row of x and a
+    (token, slot) row of h each live whole on one device, so every row's amax is local (with
+    all_to_all the token scales travel with their rows).
 
     Numerics: every (token, slot) row goes through the one-device layer's per-row math on its
     expert's device, so the result equals `moe` up to f32 summation order: all_to_all runs
@@ -137,8 +145,8 @@ def moe_expert_parallel(x, topk_ids, topk_weights, w13: W4Weights, w2: W4Weights
         raise ValueError('dispatch="all_to_all" needs token_sharded=True (tokens replicated over the axis would be '
                          'sent P times); use dispatch="all_gather"')
     layer = layer_settings(x, size=num_shards, axis_name=axis_name, token_sharded=token_sharded, a1_scale=a1_scale,
-                           a2_scale=a2_scale, precision=precision, routed_scaling_factor=routed_scaling_factor,
-                           impl=impl)
+                           a2_scale=a2_scale, activation_scaling=activation_scaling, precision=precision,
+                           routed_scaling_factor=routed_scaling_factor, impl=impl)
     num_experts = w13.num_experts
     if num_experts % num_shards:
         raise ValueError(f"w13: {num_experts} experts do not split evenly over {num_shards} shards of {axis_name!r}")

@@ -15,9 +15,9 @@
         return jax.lax.fori_loop(0, num_layers, lambda i, x: x + moe_layers(x, layer=i), x)
 
 The block holds the router (gate weight [E, H] and e_score_correction_bias [E], f32), the routed
-experts as W4Weights (int4, see `w4afp8_jax.moe`) with their static activation scales, and
-optionally a bf16 shared expert. It is inference only: the int4 weights are `W4Param`
-variables, not `nnx.Param`, so optimizers filtering on nnx.Param leave them alone.
+experts as W4Weights (int4, see `w4afp8_jax.moe`) with their static activation scales or
+activation scaling, and optionally a bf16 shared expert. It is inference only: the int4 weights
+are `W4Param` variables, not `nnx.Param`, so optimizers filtering on nnx.Param leave them alone.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ except ModuleNotFoundError as err:  # the optional extra
                               name=err.name) from err
 from jax.sharding import Sharding
 
+from ._validate import check_activation_scaling
 from .checkpoint import Checkpoint, compressed_tensors, load_moe_experts, replicated
 from .convert import source_weight
 from .moe import moe
@@ -57,21 +58,25 @@ class DeepseekV3MoE(nnx.Module):
 
     Arguments: gate_weight float [E, H]; e_score_correction_bias float [E] (None: zeros);
     w13 W4Weights [E, 2I, H] and w2 W4Weights [E, H, I]; a1_scale / a2_scale the static fp8
-    scales (None: dynamic); shared_w13 bf16 [2Is, H] (gate rows then up rows) and shared_w2
-    bf16 [H, Is], or None for no shared expert; top_k, n_group, topk_group,
-    routed_scaling_factor (config.json's num_experts_per_tok, n_group, topk_group,
-    routed_scaling_factor); precision and implementation as in `moe`.
+    scales (None: dynamic); activation_scaling "per_tensor" or "per_token" (dynamic per-token
+    scales, with a1_scale = a2_scale = None), as in `moe`; shared_w13 bf16 [2Is, H] (gate rows
+    then up rows) and shared_w2 bf16 [H, Is], or None for no shared expert; top_k, n_group,
+    topk_group, routed_scaling_factor (config.json's num_experts_per_tok, n_group, topk_group,
+    routed_scaling_factor); precision and implementation as in `moe`. An activation_scaling
+    other than the two raises ValueError here; "per_token" with static scales, or on the CUDA
+    path (the kernels take one scale per tensor so far), raises when the block is called.
 
     Under tensor parallelism (weights of one rank's slice of I) the output is that rank's
     partial sum: all-reduce it across the ranks.
     """
 
     def __init__(self, gate_weight, e_score_correction_bias, w13: W4Weights, w2: W4Weights, *, a1_scale=None,
-                 a2_scale=None, shared_w13=None, shared_w2=None, top_k: int = 8, n_group: int = 8,
-                 topk_group: int = 4, routed_scaling_factor: float = 2.5, precision=None,
-                 implementation: str = "auto"):
+                 a2_scale=None, activation_scaling: str = "per_tensor", shared_w13=None, shared_w2=None,
+                 top_k: int = 8, n_group: int = 8, topk_group: int = 4, routed_scaling_factor: float = 2.5,
+                 precision=None, implementation: str = "auto"):
         if (shared_w13 is None) != (shared_w2 is None):
             raise ValueError("shared_w13 and shared_w2 must be given together (or neither)")
+        check_activation_scaling(activation_scaling, "reference")  # the CUDA path's refusal comes with the call
         self.gate_weight = nnx.Param(jnp.asarray(gate_weight, jnp.float32))
         bias = jnp.zeros(np.shape(gate_weight)[:-1], jnp.float32) if e_score_correction_bias is None else \
             jnp.asarray(e_score_correction_bias, jnp.float32)
@@ -81,6 +86,7 @@ class DeepseekV3MoE(nnx.Module):
         self.a2_scale = None if a2_scale is None else W4Param(jnp.asarray(a2_scale, jnp.float32))
         self.shared_w13 = None if shared_w13 is None else nnx.Param(jnp.asarray(shared_w13, jnp.bfloat16))
         self.shared_w2 = None if shared_w2 is None else nnx.Param(jnp.asarray(shared_w2, jnp.bfloat16))
+        self.activation_scaling = activation_scaling
         self.top_k, self.n_group, self.topk_group = top_k, n_group, topk_group
         self.routed_scaling_factor = float(routed_scaling_factor)
         self.precision, self.implementation = precision, implementation
@@ -107,8 +113,8 @@ class DeepseekV3MoE(nnx.Module):
         topk_weights, topk_ids = deepseek_topk(logits, param(self.e_score_correction_bias), top_k=self.top_k,
                                                n_group=self.n_group, topk_group=self.topk_group)
         out = moe(x, topk_ids, topk_weights, w13, w2, a1_scale=param(self.a1_scale), a2_scale=param(self.a2_scale),
-                  routed_scaling_factor=self.routed_scaling_factor, precision=self.precision,
-                  implementation=self.implementation)
+                  activation_scaling=self.activation_scaling, routed_scaling_factor=self.routed_scaling_factor,
+                  precision=self.precision, implementation=self.implementation)
         if self.shared_w13 is None:
             return out
         xb = jnp.asarray(x, jnp.bfloat16)
@@ -124,10 +130,12 @@ class DeepseekV3MoE(nnx.Module):
                         sharding: Sharding | Callable | None = None, shared_experts: bool = True,
                         progress: bool | None = None, **kwargs) -> "DeepseekV3MoE":
         """Blocks from a W4AFP8 or compressed-tensors checkpoint directory
-        (`w4afp8_jax.load_moe_experts` reads the routed experts, and warns that a checkpoint's
-        per-token activation scales are not applied yet; the router and shared-expert weights,
-        bf16, FP8 with 128 x 128 block scales, or compressed-tensors pack-quantized int4, are
-        dequantized: router to f32, shared expert to bf16, rounded).
+        (`w4afp8_jax.load_moe_experts` reads the routed experts, with the activation scaling the
+        checkpoint declares, `MoEExperts.activation_scaling`: the block applies it, so a
+        compressed-tensors W4AFP8 checkpoint runs with per-token scales, on the reference path
+        until the CUDA kernels have them; the router and shared-expert weights, bf16, FP8 with
+        128 x 128 block scales, or compressed-tensors pack-quantized int4, are dequantized:
+        router to f32, shared expert to bf16, rounded).
 
         layers: an int gives one block; a sequence, or None for every MoE layer, gives one
             module whose variables have a leading layer axis, for `nnx.scan` or `nnx.vmap`.
@@ -140,7 +148,9 @@ class DeepseekV3MoE(nnx.Module):
         progress: a progress bar while the routed experts load (None: for large loads), as in
             `load_moe_experts`.
         kwargs: override config.json's top_k (num_experts_per_tok), n_group, topk_group,
-            routed_scaling_factor, and set precision / implementation.
+            routed_scaling_factor and the checkpoint's activation_scaling (e.g. "per_tensor" to
+            run a per-token checkpoint on the CUDA path today), and set precision /
+            implementation.
 
         Warns (UserWarning) where the checkpoint leaves something to a default: a config.json
         key of the above missing (DeepSeek-V3's value is used), no router bias
@@ -158,6 +168,7 @@ class DeepseekV3MoE(nnx.Module):
             if option not in kwargs and key not in config:
                 warnings.warn(f"{path}: config.json has no {key}; using DeepSeek-V3's {default}", stacklevel=2)
             options[option] = config.get(key, default)
+        options["activation_scaling"] = experts.activation_scaling
         options.update(kwargs)
 
         def place(name, value):

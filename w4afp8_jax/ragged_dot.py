@@ -6,8 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._validate import (FP8_DTYPE, NO_RULE, QUANTIZED, check_static_scale, not_differentiable, require_floating,
-                        require_integer, require_rank)
+from . import _backend
+from ._validate import (FP8_DTYPE, NO_RULE, QUANTIZED, check_lhs_scale, check_scale, not_differentiable,
+                        require_floating, require_integer, require_rank, require_reference_path)
 from .fp8 import dynamic_scale, saturate_to_fp8
 from .ops.grouped_gemm import check_lhs_columns, grouped_gemm, weights_not_differentiable
 from .weights import W4Weights
@@ -21,9 +22,11 @@ def ragged_dot(lhs, rhs: W4Weights, group_sizes, *, precision=None, preferred_el
     rows r of group g, groups laid out consecutively with sizes `group_sizes`.
 
     lhs: [M, K], fp8 e4m3 (then `lhs_scale`, the f32 scale it was quantized with, is required:
-        lhs means lhs * lhs_scale) or bf16 / f16 / f32, quantized here to fp8:
-        q = saturate(lhs / lhs_scale) with the given static f32 scale, or with the dynamic
-        scale amax / 448 over the rows that belong to a group when lhs_scale is None.
+        a scalar, or one per row [M]; lhs means lhs * lhs_scale) or bf16 / f16 / f32, quantized
+        here to fp8: q = saturate(lhs / lhs_scale) with the given static per-tensor f32 scale;
+        with the dynamic scale amax / 448 over the rows that belong to a group when lhs_scale is
+        None; or with lhs_scale="per_token", one dynamic scale per row, amax / 448 over the
+        row's finite values (`w4afp8_jax.quantize_fp8`'s rules; padding rows get their own).
     rhs: W4Weights [G, N, K], one int4 matrix per group. Note the orientation: jax.lax.ragged_dot
         takes rhs [G, K, N]; W4Weights are stored N-major as checkpoints store them, so
         `lax.ragged_dot(x, w, gs)` becomes `ragged_dot(x, W4Weights for w.transpose(0, 2, 1), gs)`.
@@ -40,9 +43,11 @@ def ragged_dot(lhs, rhs: W4Weights, group_sizes, *, precision=None, preferred_el
     implementation: "auto", "cuda" or "reference" (see `grouped_gemm`).
 
     Raises TypeError / ValueError naming the argument for bad ranks, dtypes, sizes and scales
-    (before any kernel runs; an rhs oriented [G, K, N] is named as such), and TypeError when
-    differentiated with respect to lhs, lhs_scale or rhs.scales (the fp8 quantization is
-    piecewise constant and the kernels have no derivative rule).
+    (before any kernel runs; an rhs oriented [G, K, N] is named as such; a per-row [M] scale with
+    a float lhs, whose static scales are per tensor; "per_token" with an fp8 lhs; per-row and
+    per-token scales on the CUDA path, whose kernels take one scale per tensor so far), and
+    TypeError when differentiated with respect to lhs, lhs_scale or rhs.scales (the fp8
+    quantization is piecewise constant and the kernels have no derivative rule).
 
     Returns [M, N] of preferred_element_type. Matches jax.lax.ragged_dot(lhs * lhs_scale,
     rhs.dequantize().transpose(0, 2, 1), group_sizes) up to the fp8 quantization of a float lhs
@@ -72,10 +77,21 @@ def ragged_dot(lhs, rhs: W4Weights, group_sizes, *, precision=None, preferred_el
         if total > np.shape(lhs)[0]:
             raise ValueError(f"group_sizes must sum to at most the {np.shape(lhs)[0]} rows of lhs, got sum {total}")
     fp8_lhs = jnp.asarray(lhs).dtype == FP8_DTYPE
-    if fp8_lhs and lhs_scale is None:
-        raise ValueError("lhs_scale is required with an fp8 lhs (the f32 scale lhs was quantized with)")
+    impl = _backend.resolve(implementation)
+    per_token = False
+    if fp8_lhs:
+        if lhs_scale is None or isinstance(lhs_scale, str):
+            raise ValueError(f"lhs_scale is required with an fp8 lhs (the f32 scale lhs was quantized with: a scalar "
+                             f"or one per row), got {lhs_scale!r}")
+        scale = check_lhs_scale("lhs_scale", lhs_scale, np.shape(lhs)[0], impl)
+    else:
+        if np.size(lhs_scale) > 1:
+            raise ValueError(f"lhs_scale of shape {tuple(np.shape(lhs_scale))}: a float lhs is quantized with a static "
+                             'per-tensor scale, None (dynamic per tensor) or "per_token" (dynamic per row)')
+        scale, per_token = check_scale("lhs_scale", lhs_scale)
+        if per_token:
+            require_reference_path("lhs_scale", "per-token scales ('per_token')", impl)
     lhs = not_differentiable("ragged_dot", "lhs", jnp.asarray(lhs), NO_RULE if fp8_lhs else QUANTIZED)
-    scale = check_static_scale("lhs_scale", lhs_scale)
     if scale is not None:
         scale = not_differentiable("ragged_dot", "lhs_scale", scale)
     rhs = weights_not_differentiable("ragged_dot", "rhs", rhs)
@@ -86,10 +102,12 @@ def ragged_dot(lhs, rhs: W4Weights, group_sizes, *, precision=None, preferred_el
         q = lhs
     else:
         x = lhs.astype(jnp.float32)
-        if scale is None:
+        if per_token:
+            scale = dynamic_scale(x, per_row=True)
+        elif scale is None:
             # Padding rows must not set the scale of the real ones.
             valid = jnp.arange(x.shape[0]) < group_offsets[-1]
             scale = dynamic_scale(jnp.where(valid[:, None], x, 0.0))
         q = saturate_to_fp8(x, scale)
-    out = grouped_gemm(q, scale, rhs, group_offsets, precision=precision, implementation=implementation)
+    out = grouped_gemm(q, scale, rhs, group_offsets, precision=precision, implementation=impl)
     return out.astype(out_dtype)

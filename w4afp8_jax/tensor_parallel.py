@@ -120,7 +120,7 @@ def shard_tensor_parallel(w13: W4Weights, w2: W4Weights, size: int) -> tuple[W4W
 
 def moe_tensor_parallel(x, topk_ids, topk_weights, w13: W4Weights, w2: W4Weights, *, mesh: Mesh,
                         axis_name: str = "tp", token_sharded: bool = False, a1_scale=None, a2_scale=None,
-                        routed_scaling_factor: float = 1.0, precision=None,
+                        activation_scaling: str = "per_tensor", routed_scaling_factor: float = 1.0, precision=None,
                         implementation: str = "auto") -> jax.Array:
     """`moe` with every expert's intermediate dimension split over `axis_name` of `mesh`.
 
@@ -141,10 +141,13 @@ def moe_tensor_parallel(x, topk_ids, topk_weights, w13: W4Weights, w2: W4Weights
     jitted computation" naming it, before anything runs (device_put it onto the mesh first, or
     close over it).
     Other arguments as in `moe`; dynamic scales are the one-device layer's (amax over all tokens,
-    and over every device's slice of h).
+    and over every device's slice of h). With activation_scaling="per_token" a token's scale
+    needs nothing from the other devices (every device holds all of x), but a (token, slot)
+    row of h is split by columns over the devices: its scale is the max over the devices of the
+    row's amax (one pmax of R values per layer).
 
     Numerics: each device computes the one-device layer's fp8 h restricted to its columns
-    exactly (c1 columns do not depend on the other columns; the a2 scale is global), so the
+    exactly (c1 columns do not depend on the other columns; the a2 scales are global), so the
     only change is in GEMM 2 and the combine: each device's GEMM 2 rounds its partial sum over
     I/P to bf16 (relative error <= 2^-8 each, bf16's unit roundoff), the combine and the sum
     over devices run in f32, and the total is rounded to bf16 once. Against `moe`, which rounds
@@ -174,15 +177,16 @@ def moe_tensor_parallel(x, topk_ids, topk_weights, w13: W4Weights, w2: W4Weights
     impl = _backend.resolve(implementation)
     check_moe_args(x, topk_ids, topk_weights, local(w13, w13.out_features // size), local(w2, hidden), impl)
     layer = layer_settings(x, size=size, axis_name=axis_name, token_sharded=token_sharded, a1_scale=a1_scale,
-                           a2_scale=a2_scale, precision=precision, routed_scaling_factor=routed_scaling_factor,
-                           impl=impl)
+                           a2_scale=a2_scale, activation_scaling=activation_scaling, precision=precision,
+                           routed_scaling_factor=routed_scaling_factor, impl=impl)
     if np.shape(x)[0] == 0:
         return empty_output(x)
 
     def body(x, ids, tw, w13, w2):
         if token_sharded:
             x, ids, tw = gather_tokens(x, ids, tw, axis_name)
-        partial = partial_layer(x, ids, tw, w13, w2, num_experts=w13.num_experts, axis_name=axis_name, **layer)
+        partial = partial_layer(x, ids, tw, w13, w2, num_experts=w13.num_experts, axis_name=axis_name,
+                                columns_split=True, **layer)
         return sum_shares(partial, axis_name, token_sharded=token_sharded)
 
     return shard_layer(body, x, topk_ids, topk_weights, w13, w2, mesh=mesh, axis_name=axis_name,

@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import _backend
-from .._validate import (FP8_DTYPE, NO_RULE, check_static_scale, int32_offsets, not_differentiable, require_dtype,
+from .._validate import (FP8_DTYPE, NO_RULE, check_lhs_scale, int32_offsets, not_differentiable, require_dtype,
                          require_integer, require_rank)
+from ..fp8 import row_broadcast
 from ..weights import W4Weights, unpack_int4, untile_packed
 
 
@@ -64,7 +65,8 @@ def _num_pairs(num_rows: int, num_experts: int, tile: int) -> int:
 
 def grouped_gemm_reference(lhs: jax.Array, lhs_scale: jax.Array, rhs: W4Weights,
                            group_offsets: jax.Array) -> jax.Array:
-    """out[r, n] = lhs_scale * sum_g scales[e, n, g] * sum_{k in g} lhs[r, k] * w[e, n, k], f32.
+    """out[r, n] = a_r * sum_g scales[e, n, g] * sum_{k in g} lhs[r, k] * w[e, n, k], f32, with
+    a_r = lhs_scale (a scalar) or lhs_scale[r] (one per row).
 
     Rows are processed in (tile, expert) pairs so the cost stays near R * N * K however the
     rows are spread over experts.
@@ -101,7 +103,7 @@ def grouped_gemm_reference(lhs: jax.Array, lhs_scale: jax.Array, rhs: W4Weights,
         return jax.lax.dynamic_update_slice_in_dim(out, jnp.where(mine[:, None], y, current), tile_start, 0), None
 
     out, _ = jax.lax.scan(step, jnp.zeros((padded + tile, n), jnp.float32), pair_rows)
-    return (out[:num_rows] * lhs_scale).astype(jnp.bfloat16)
+    return (out[:num_rows] * row_broadcast(lhs_scale)).astype(jnp.bfloat16)
 
 
 def _grouped_gemm_cuda(lhs, lhs_scale, rhs: W4Weights, group_offsets, *, exact: bool,
@@ -166,8 +168,10 @@ def grouped_gemm(lhs, lhs_scale, rhs: W4Weights, group_offsets, *, precision=Non
     e's int4 weights, times lhs_scale (docs/numerics.md, steps 3 and 5).
 
     lhs: fp8 e4m3 [R, K] (R = 0 gives [0, N] without a kernel launch); lhs_scale: the f32
-    scale lhs was quantized with (>= 2**-126); rhs: W4Weights [E, N, K/2] (host or device
-    arrays); group_offsets: integer [E+1], as `route` produces them.
+    scale lhs was quantized with (>= 2**-126): a scalar, or one per row, f32 [R] (as
+    `gather_quantize` and `silu_mul_quantize` return them with scale="per_token"; row r's
+    output is multiplied by lhs_scale[r]; a size-1 array is a scalar); rhs: W4Weights
+    [E, N, K/2] (host or device arrays); group_offsets: integer [E+1], as `route` produces them.
 
     Any group_offsets are safe and give a defined result: they are clipped into [0, R] and made
     non-decreasing by a running maximum (`ordered_offsets`; route's offsets are unchanged by
@@ -189,15 +193,19 @@ def grouped_gemm(lhs, lhs_scale, rhs: W4Weights, group_offsets, *, precision=Non
     Not differentiable (jax.grad with respect to lhs, lhs_scale or rhs.scales raises TypeError).
     Raises TypeError / ValueError naming the argument, before any kernel runs, for a wrong rank,
     dtype or size of lhs, rhs or group_offsets (an rhs oriented [E, K, N] is named as such), a
-    missing or out-of-range lhs_scale, or a bad config; on the CUDA path also for rhs with a group size other than 128 or N not a multiple
-    of 16 (the kernels' layout; the reference path takes any even group size and any N).
+    missing lhs_scale, one of another shape or with a value out of range (a concrete per-row
+    one is checked on its device), or a bad config; on the CUDA path also for rhs with a group
+    size other than 128 or N not a multiple of 16 (the kernels' layout; the reference path
+    takes any even group size and any N), and for per-row scales (the kernels take one scale
+    per tensor so far; the reference path computes them).
     """
     check_grouped_gemm_args(lhs, rhs, group_offsets)
     exact = is_exact(precision)
     if lhs_scale is None:
         raise ValueError("lhs_scale is required (the f32 scale lhs was quantized with)")
-    scale = not_differentiable("grouped_gemm", "lhs_scale", check_static_scale("lhs_scale", lhs_scale), NO_RULE)
     impl = _backend.resolve(implementation)
+    scale = check_lhs_scale("lhs_scale", lhs_scale, np.shape(lhs)[0], impl)
+    scale = not_differentiable("grouped_gemm", "lhs_scale", scale, NO_RULE)
     check_kernel_layout("rhs", rhs, impl)
     if config is not None and _backend.grouped_gemm_configs():
         _backend.check_gemm_config("config", config, exact=exact)
