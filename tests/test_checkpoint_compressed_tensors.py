@@ -135,7 +135,7 @@ def expected(values, layers, experts, tp_size=1, tp_rank=0, inter=INTER):
 
 def load(path, **kwargs):
     """load_moe_experts, with the per-token warning a W4AFP8 compressed-tensors load gives."""
-    with pytest.warns(UserWarning, match="per-token fp8 activation scales, which are not implemented yet"):
+    with pytest.warns(UserWarning, match="declares dynamic per-token fp8 activation scales: pass activation_scaling"):
         return w4.load_moe_experts(path, progress=False, **kwargs)
 
 
@@ -369,7 +369,7 @@ def test_nnx_block_from_a_compressed_tensors_checkpoint(rng, tmp_path):
                                topk_group=1)
     q13, s13, q2, s2 = expected(values, [2], range(E))
     routed = w4.moe(x, ids, tw, w4.W4Weights(ref.pack_int4(q13[0]), s13[0]), w4.W4Weights(ref.pack_int4(q2[0]), s2[0]),
-                    routed_scaling_factor=2.5, implementation="reference")
+                    activation_scaling="per_token", routed_scaling_factor=2.5, implementation="reference")
 
     def weight(proj):
         q, scale = shared[2][proj]

@@ -69,10 +69,11 @@ def load_moe_experts(path: str | os.PathLike, *, layers: Iterable[int] | None = 
       (a2_scale); a rank that took only its own experts' max would saturate inputs the
       one-device layer keeps. So a checkpoint with input scales needs them for every expert,
       also where its weight files hold only some experts; one without has None (dynamic).
-    - compressed-tensors: activations are dynamic, so a1_scale = a2_scale = None. Per-token
-      scales (activation_scaling "per_token", llm-compressor's W4AFP8) are NOT applied yet:
-      `moe` uses dynamic per-tensor scales, so the numbers differ from vLLM's per-token ones
-      (a UserWarning says so when loading).
+    - compressed-tensors: activations are dynamic, so a1_scale = a2_scale = None, and
+      `activation_scaling` says how ("per_token" for llm-compressor's W4AFP8). `moe` applies
+      per-token scales only when passed `activation_scaling=experts.activation_scaling` (the
+      NNX block does it itself), on the reference path so far (a UserWarning says so when
+      loading).
     Raises, before reading any weight bytes: ValueError naming the config field of a
     compressed-tensors scheme it cannot run (a format other than pack-quantized, weights not
     4-bit symmetric int with strategy group, a group size not a multiple of 8, act-order
@@ -87,7 +88,8 @@ def load_moe_experts(path: str | os.PathLike, *, layers: Iterable[int] | None = 
     experts = load_experts(ckpt, fmt, layers=layers, tp_size=tp_size, tp_rank=tp_rank, expert_ids=expert_ids,
                            sharding=sharding, layout=layout, progress=progress)
     if fmt.activation_scaling == "per_token":
-        warnings.warn(f"{ckpt.path}: the checkpoint declares dynamic per-token fp8 activation scales, which are not "
-                      "implemented yet; its layers run with dynamic per-tensor scales (a1_scale = a2_scale = None; "
-                      "MoEExperts.activation_scaling records 'per_token')", UserWarning, stacklevel=2)
+        warnings.warn(f"{ckpt.path}: the checkpoint declares dynamic per-token fp8 activation scales: pass "
+                      "activation_scaling=experts.activation_scaling ('per_token') to moe and the multi-GPU layers "
+                      "(the NNX block does); the CUDA kernels take per-tensor scales only so far, and without it "
+                      "the layers run with dynamic per-tensor ones", UserWarning, stacklevel=2)
     return experts

@@ -13,10 +13,10 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
 
+from .._validate import ACTIVATION_SCALINGS
 from ..weights import TILE_GROUP, W4Weights, tile_packed
 from .files import EXPERT_MODULE, EXPERT_WEIGHT, Checkpoint
 
-ACTIVATION_SCALINGS = ("per_tensor", "per_token")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,9 +32,9 @@ class MoEExperts:
     layers: static; the checkpoint's layer ids, in the order of the leading axis.
     activation_scaling: static; the fp8 activation scaling the checkpoint declares: "per_tensor"
         (W4AFP8 checkpoints; compressed-tensors ones with `strategy: tensor`) or "per_token"
-        (compressed-tensors W4AFP8: dynamic per-token scales). Per-token scaling is not
-        implemented yet: such checkpoints load with a1_scale = a2_scale = None, so `moe` applies
-        dynamic per-tensor scales; this field keeps the declaration for the per-token path.
+        (compressed-tensors W4AFP8: dynamic per-token scales, a1_scale = a2_scale = None): pass
+        it to `moe(..., activation_scaling=...)` (the reference path so far; the NNX block
+        passes it itself).
 
     A registered pytree: `jax.lax.scan(f, x, experts)` hands `f` one layer (w13 [E, 2I, H],
     scalar scales) at a time. Raises ValueError for an activation_scaling outside
