@@ -1,5 +1,6 @@
-// The exact per-group arithmetic of the warp-level kernels: one K group of a warp's tiles on
-// the tensor cores, then its f32 sum times the group scale into the f32 accumulators.
+// The per-group arithmetic: the exact one of the warp-level kernels (one K group of a warp's
+// tiles on the tensor cores, then its f32 sum times the group scale into the f32 accumulators)
+// and the wgmma families' promotion of a group's fp8 sums.
 #pragma once
 
 #include "operands.cuh"
@@ -43,6 +44,24 @@ __device__ __forceinline__ void AccumulateGroup(const GroupFragments<Cfg>& f,
       acc[mt][tt][2] += f.scales[mt][1] * group_sum[mt][tt][2];
       acc[mt][tt][3] += f.scales[mt][1] * group_sum[mt][tt][3];
     }
+  }
+}
+
+// The wgmma families' promotion: one K group's fp8 wgmma sums (the m64nN accumulator layout:
+// lane (g, t) holds rows g, g + 8 and tokens 8i + 2t, + 1), read after wgmma.wait, times the
+// group scales of rows g and g + 8, added into the f32 accumulators (the seed's, DeepGEMM's and
+// TensorRT-LLM's numerics of precision=DEFAULT).
+template <int kT>
+__device__ __forceinline__ void PromoteGroup(float (&group_sum)[kT / 2], float scale_lo, float scale_hi,
+                                             float (&acc)[1][kT / 8][4]) {
+#pragma unroll
+  for (int i = 0; i < kT / 2; ++i) asm volatile("" : "+f"(group_sum[i])::"memory");  // reads stay after the wait
+#pragma unroll
+  for (int tt = 0; tt < kT / 8; ++tt) {
+    acc[0][tt][0] += scale_lo * group_sum[4 * tt];
+    acc[0][tt][1] += scale_lo * group_sum[4 * tt + 1];
+    acc[0][tt][2] += scale_hi * group_sum[4 * tt + 2];
+    acc[0][tt][3] += scale_hi * group_sum[4 * tt + 3];
   }
 }
 

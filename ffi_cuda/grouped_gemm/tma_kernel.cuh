@@ -21,7 +21,7 @@
 #include <cuda.h>
 
 #include "epilogue.cuh"
-#include "operands.cuh"
+#include "mma.cuh"
 #include "schedule.cuh"
 
 namespace w4afp8::gemm {
@@ -226,17 +226,8 @@ __device__ __forceinline__ void ConsumeSteps(const GroupedGemmArgs& args, const 
       LoadFragments(stages + next_stage * Cfg::kStageBytes, offsets, next);
     }
     WgmmaWait<0>();
-#pragma unroll
-    for (int i = 0; i < kT / 2; ++i) asm volatile("" : "+f"(group_sum[i])::"memory");  // reads stay after the wait
     const uint32_t row_scales = scales + (stage * Cfg::kRows + 16 * warp + g) * 4;
-    const float scale_lo = LoadSharedF32(row_scales), scale_hi = LoadSharedF32(row_scales + 8 * 4);
-#pragma unroll
-    for (int tt = 0; tt < kT / 8; ++tt) {
-      acc[0][tt][0] += scale_lo * group_sum[4 * tt];
-      acc[0][tt][1] += scale_lo * group_sum[4 * tt + 1];
-      acc[0][tt][2] += scale_hi * group_sum[4 * tt + 2];
-      acc[0][tt][3] += scale_hi * group_sum[4 * tt + 3];
-    }
+    PromoteGroup<kT>(group_sum, LoadSharedF32(row_scales), LoadSharedF32(row_scales + 8 * 4), acc);
     __syncwarp();
     if (lane == 0) MbarrierArrive(ring.empty + stage);
     stage = next_stage;

@@ -9,7 +9,7 @@
 #pragma once
 
 #include "epilogue.cuh"
-#include "operands.cuh"
+#include "mma.cuh"
 #include "schedule.cuh"
 
 namespace w4afp8::gemm {
@@ -208,15 +208,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) GroupedGemmWgmmaKernel(Group
     }
 
     WgmmaWait<0>();
-#pragma unroll
-    for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(group_sum[i])::"memory");  // reads stay after the wait
-#pragma unroll
-    for (int tt = 0; tt < 16; ++tt) {
-      acc[0][tt][0] += scale_lo * group_sum[4 * tt];
-      acc[0][tt][1] += scale_lo * group_sum[4 * tt + 1];
-      acc[0][tt][2] += scale_hi * group_sum[4 * tt + 2];
-      acc[0][tt][3] += scale_hi * group_sum[4 * tt + 3];
-    }
+    PromoteGroup<Cfg::kTokens>(group_sum, scale_lo, scale_hi, acc);
     __syncthreads();  // every warpgroup is done with this fp8 tile and the converted next one is complete
 
     if (++compute_group < groups) continue;
